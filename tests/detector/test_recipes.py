@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from detector.config import ConfigError
+from detector.recipes import CAFFE2_NORM, CAFFE_NORM, MS_CHOICE, MS_RANGE, resolve
+
+
+def test_caffe_fpn_freezes_bn_and_uses_bgr_std_1() -> None:
+    cfg = resolve({"style": "caffe"})
+    assert cfg.backbone.style == "caffe" and cfg.backbone.norm == "frozen"
+    assert cfg.normalize == CAFFE_NORM and cfg.pretrained == "open-mmlab://detectron2/resnet50_caffe"
+
+
+def test_c4_and_dc5_follow_reference_section_1_6() -> None:
+    c4 = resolve({"style": "caffe", "neck": "c4"})
+    assert c4.backbone.num_stages == 3 and c4.backbone.out_indices == (2,)
+    assert c4.rpn.anchor_scales == (2, 4, 8, 16, 32) and c4.rpn.anchor_strides == (16,)
+    assert c4.roi_head.kind == "res5" and c4.roi_head.roi_size == 14 and c4.rpn.allowed_border == -1
+    assert (c4.rpn.train.nms_pre, c4.rpn.train.max_per_img, c4.rpn.test.nms_pre) == (12000, 2000, 6000)
+    dc5 = resolve({"style": "caffe", "neck": "dc5"})
+    assert dc5.backbone.strides == (1, 2, 2, 1) and dc5.backbone.dilations == (1, 1, 1, 2)
+    assert dc5.rpn.allowed_border == 0 and dc5.roi_head.in_channels == 2048 and dc5.neck.kind == "none"
+
+
+def test_iou_losses_decode_boxes_with_weight_10() -> None:
+    for loss in ("iou", "giou", "bounded-iou"):
+        cfg = resolve({"loss": loss})
+        assert cfg.roi_head.reg_decoded_bbox and cfg.roi_head.loss_bbox_weight == 10.0
+        assert cfg.rpn.loss_bbox == "l1"  # the RPN stays on L1
+    assert not resolve({"loss": "l1"}).roi_head.reg_decoded_bbox
+
+
+def test_schedules_and_quirk_q1() -> None:
+    assert resolve({"schedule": "2x"}).schedule.milestones == (16, 22)
+    ms2x = resolve({"style": "caffe", "schedule": "2x", "train_scale": "ms-choice"})
+    assert ms2x.schedule.milestones == (16, 23) and any(n.startswith("Q1") for n in ms2x.notes)
+    assert ms2x.data.ms_short_sides == MS_CHOICE
+    ms3x = resolve({"schedule": "3x", "train_scale": "ms-range"})
+    assert (ms3x.schedule.repeat_times, ms3x.schedule.max_epochs, ms3x.schedule.milestones) == (3, 12, (9, 11))
+    assert ms3x.data.ms_short_sides == MS_RANGE
+    dc5_3x = resolve({"style": "caffe", "neck": "dc5", "schedule": "3x", "train_scale": "ms-choice"})
+    assert dc5_3x.schedule.max_epochs == 36 and dc5_3x.schedule.milestones == (28, 34)
+
+
+def test_x101_32x8d_uses_caffe2_normalisation_and_frozen_bn() -> None:
+    cfg = resolve({"backbone": "x101-32x8d", "schedule": "3x", "train_scale": "ms-range"})
+    assert cfg.normalize == CAFFE2_NORM and cfg.backbone.norm == "frozen"
+    assert (cfg.backbone.groups, cfg.backbone.base_width) == (32, 8)
+
+
+def test_tnr_uses_adamw_without_norm_decay() -> None:
+    cfg = resolve({"pretrain": "tnr"})
+    s = cfg.schedule
+    assert (s.optimizer, s.lr, s.weight_decay, s.norm_decay_mult) == ("adamw", 1e-4, 0.1, 0.0)
+
+
+def test_finetunes_and_quirk_notes() -> None:
+    person = resolve({"style": "caffe", "train_scale": "ms-choice", "classes": "person", "pretrain": "coco-caffe-ms-3x"})
+    assert person.num_classes == 1 and person.data.classes == ("person",) and person.load_from
+    assert any(n.startswith("Q2") for n in resolve({"backbone": "r101", "style": "caffe", "schedule": "3x", "train_scale": "ms-range"}).notes)
+    assert any(n.startswith("Q5") for n in resolve({}).notes)
+    assert not any(n.startswith("Q5") for n in resolve({"schedule": "2x"}).notes)
+
+
+@pytest.mark.parametrize(
+    "axes, message",
+    [
+        ({"lossy": "l1"}, "unknown axis 'lossy'"),
+        ({"loss": "diou"}, r"axes.loss: 'diou' is not allowed; allowed: l1, smooth-l1"),
+        ({"backbone": "x101-32x4d", "style": "caffe"}, "'caffe' is not available"),
+        ({"neck": "c4"}, "published only for backbone 'r50' in style 'caffe'"),
+    ],
+)
+def test_impossible_cells_are_clear_errors(axes: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve(axes)
