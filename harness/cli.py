@@ -1,0 +1,400 @@
+"""`harness` / `python -m harness`: the commands of DESIGN.md ("Commands"), one function each.
+
+`COMMANDS` maps a subcommand name to the function that runs it (no registry, no plugin magic);
+every function takes the parsed arguments and returns the exit code. Exit codes: 0 ok; 1 a cell
+failed or a comparison is out of tolerance; 2 bad input (one line `harness: error: ...`, no
+traceback); 130 interrupted.
+
+Turning a profile into cells to run (`plan_run`) lives here too: it is the one place that reads the
+profile, the flags and the matrix together, then hands `harness.runs.run_jobs` a list of cell jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from harness.errors import UserError
+
+OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+DEFAULT_MATRIX = "faster_rcnn"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `harness: error: ...` (exit 2), like every user error."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"harness: error: {self.prog.removeprefix('harness').strip() or 'harness'}: {message}\n")
+        raise SystemExit(USAGE)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("matrix", metavar="MATRIX", help="a name under matrices/ (faster_rcnn) or a YAML path")
+    p.add_argument("--profile", default="smoke", help="smoke (default), ci, full, or one the matrix declares")
+    p.add_argument("--only", nargs="+", action="extend", default=[], metavar="GLOB", help="cell names, aliases or globs")
+    p.add_argument("--data", metavar="ROOT", help="a COCO-2017 root replacing the profile's dataset")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--executor", choices=("local", "submitit"), default="local")
+    p.add_argument("--jobs", type=_positive, default=1, metavar="N", help="cells in flight at once (default 1)")
+    p.add_argument("--nproc-per-cell", type=_positive, default=1, metavar="N", help="torchrun processes per cell")
+    p.add_argument("--seed", type=_non_negative, default=0, metavar="S", help="first seed (default 0)")
+    p.add_argument("--seeds", type=_positive, default=1, metavar="K", help="run seeds S .. S+K-1 (default 1)")
+    p.add_argument("--runs-dir", metavar="DIR", help="default: <repo>/runs")
+    p.add_argument("--force", action="store_true", help="run finished cells again (old outputs go to _previous/)")
+    p.add_argument("--pretrained", nargs="+", action="extend", default=[], metavar="NAME=FILE",
+                   help="local file for a pretrained name, e.g. torchvision://resnet50=/w/resnet50.pth")  # fmt: skip
+    p.add_argument("--timeout-min", type=_positive, metavar="MIN", help="submitit job time limit (default 3 days)")
+    p.add_argument("--slurm-partition", metavar="NAME", help="submitit on Slurm: the partition")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="harness", description="Run the Faster R-CNN matrix, compare it with the published table, publish the page.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", help="the cells of a matrix")
+    p.add_argument("matrix", metavar="MATRIX")
+    p.add_argument("--profile", help="only the cells this profile runs")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("describe", help="a cell's resolved config and parameter counts")
+    p.add_argument("cell", metavar="CELL", help="a cell name or alias")
+    p.add_argument("--matrix", default=DEFAULT_MATRIX, help=f"where to look the cell up (default {DEFAULT_MATRIX})")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("run", help="run the cells of a matrix profile")
+    _add_run_flags(p)
+    p = sub.add_parser("reproduce", help="run, then report, then print the comparison summary")
+    _add_run_flags(p)
+
+    for name, what in (("report", "write the results page"), ("compare", "measured vs published, with verdicts")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("matrix", metavar="MATRIX")
+        p.add_argument("--profile", default="smoke")
+        p.add_argument("--runs-dir", metavar="DIR")
+        if name == "compare":
+            p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("eval", help="COCO bbox evaluation of a detections file")
+    p.add_argument("--ann", required=True, metavar="GT.json")
+    p.add_argument("--dets", required=True, metavar="DETS.json")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("verify", help="evaluate a published checkpoint, no training")
+    p.add_argument("cell", metavar="CELL")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--data", required=True, metavar="ROOT")
+    p.add_argument("--matrix", default=DEFAULT_MATRIX)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("bench", help="inference speed and memory of a cell (random weights)")
+    p.add_argument("cell", metavar="CELL")
+    p.add_argument("--matrix", default=DEFAULT_MATRIX)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--images", type=_positive, default=20)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("data", help="make or cut datasets")
+    data = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    data.required = True
+    d = data.add_parser("synth", help="write the synthetic COCO-style set")
+    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--images", type=_positive, default=64)
+    d.add_argument("--seed", type=_non_negative, default=0)
+    d = data.add_parser("subset", help="a subset of a COCO annotation file")
+    d.add_argument("--ann", required=True, metavar="IN.json")
+    d.add_argument("--out", required=True, metavar="OUT.json")
+    d.add_argument("--categories", metavar="a,b", help="comma-separated category names")
+    d.add_argument("--max-images", type=_positive, metavar="N")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from harness.matrix import load_matrix
+
+    matrix = load_matrix(args.matrix)
+    cells = matrix.cells_for(args.profile) if args.profile else list(matrix.cells)
+    records = [
+        {
+            "name": c.name,
+            "section": c.section,
+            "axes": dict(c.axes),
+            "published": {"box_ap": c.published.box_ap, "mem_gb": c.published.mem_gb, "fps": c.published.fps},
+            "aliases": list(c.aliases),
+        }
+        for c in cells
+    ]
+    if args.format == "json":
+        print(json.dumps(records, indent=2))
+        return OK
+    rows = [("cell", "section", "box AP", "Mem (GB)", "fps", "alias")]
+    for r in records:
+        pub = r["published"]
+        rows.append((r["name"], r["section"], _num(pub["box_ap"]), _num(pub["mem_gb"]), _num(pub["fps"]), (r["aliases"] or [""])[0]))
+    print(_table(rows))
+    print(f"\n{len(records)} cells in {matrix.name}" + (f", profile {args.profile}" if args.profile else ""))
+    return OK
+
+
+def _resolved(matrix_name: str, cell_name: str) -> tuple[Any, Any]:
+    from detector.recipes import resolve
+    from harness.matrix import load_matrix
+
+    cell = load_matrix(matrix_name).cell(cell_name)
+    return cell, resolve(cell.axes, name=cell.name)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from detector.model import describe
+
+    cell, cfg = _resolved(args.matrix, args.cell)
+    info = _jsonable(describe(cfg))
+    info.setdefault("name", cell.name)
+    info.setdefault("config", _jsonable(cfg.to_dict()))
+    info["axes"] = dict(cell.axes)
+    info["aliases"] = list(cell.aliases)
+    if args.format == "json":
+        print(json.dumps(info, indent=2))
+        return OK
+    import yaml
+
+    head = {k: v for k, v in info.items() if k != "config"}
+    for key, value in head.items():
+        print(f"{key}: {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key}: {value}")
+    print("config:")
+    print("  " + yaml.safe_dump(info["config"], sort_keys=False).rstrip().replace("\n", "\n  "))
+    return OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.planning import execute_run
+
+    summary, _matrix = execute_run(args, log=_log)
+    return FAILED if summary.count("failed") else OK
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from harness.compare import compare, comparison_exit_code, summary_counts
+    from harness.planning import execute_run, runs_dir_of
+    from harness.report import write_report
+
+    summary, matrix = execute_run(args, log=_log)
+    runs_dir = runs_dir_of(args)
+    page = write_report(matrix, args.profile, runs_dir)
+    df = compare(matrix, args.profile, runs_dir)
+    counts = ", ".join(f"{n} {s}" for s in ("ok", "failed", "skipped") if (n := summary.count(s)) or s != "skipped")
+    verdicts = ", ".join(f"{n} {v}" for v, n in summary_counts(df).items() if n)
+    print(f"{matrix.name} / {args.profile}: {len(summary.statuses)} runs: {counts}" + (f" ({len(summary.cached)} finished before)" if summary.cached else ""))
+    print(f"verdicts: {verdicts or 'none'}")
+    print(f"page: {page}")
+    return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.matrix import load_matrix
+    from harness.planning import runs_dir_of
+    from harness.report import write_report
+
+    matrix = load_matrix(args.matrix)
+    matrix.profile(args.profile)
+    print(write_report(matrix, args.profile, runs_dir_of(args)))
+    return OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare, comparison_exit_code, comparison_records, format_comparison
+    from harness.matrix import load_matrix
+    from harness.planning import runs_dir_of
+
+    matrix = load_matrix(args.matrix)
+    matrix.profile(args.profile)
+    df = compare(matrix, args.profile, runs_dir_of(args))
+    if args.format == "json":
+        print(json.dumps(comparison_records(df), indent=2))
+    else:
+        print(format_comparison(df))
+    return comparison_exit_code(df)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from detector.coco_eval import evaluate_files
+
+    stats = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"))
+    if args.format == "json":
+        print(json.dumps(_jsonable(stats), indent=2))
+    else:
+        print(_table([("metric", "value"), *((k, f"{float(v):.3f}") for k, v in stats.items())]))
+    return OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        from detector.weights import verify
+    except ImportError as exc:
+        raise UserError(f"verify: the checkpoint verifier (detector.weights.verify) is not available: {exc}") from None
+    from harness.planning import check_coco_root, default_device
+
+    _cell, cfg = _resolved(args.matrix, args.cell)
+    root = check_coco_root(Path(args.data), "--data")
+    result = verify(cfg, checkpoint=_existing(args.checkpoint, "--checkpoint"), data_root=root, device=args.device or default_device())
+    _print_mapping(_jsonable(result), args.format)
+    return OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from detector.measure import bench
+
+    _cell, cfg = _resolved(args.matrix, args.cell)
+    try:
+        result = bench(cfg, device=args.device, images=args.images)
+    except ValueError as exc:  # e.g. CUDA asked for where there is none
+        raise UserError(f"bench --device {args.device}: {exc}") from None
+    _print_mapping(_jsonable(result), args.format)
+    return OK
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from detector.synth import make_synthetic_coco
+
+        out = make_synthetic_coco(Path(args.out), images=args.images, seed=args.seed)
+        print(f"wrote a synthetic COCO root with {args.images} train images (seed {args.seed}) to {out}")
+        return OK
+    from detector.data import subset_annotations
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    summary = subset_annotations(_existing(args.ann, "--ann"), Path(args.out), categories=categories, max_images=args.max_images)
+    print(f"wrote {summary['out']}: {summary['images']} images, {summary['annotations']} annotations")
+    return OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": cmd_list,
+    "describe": cmd_describe,
+    "run": cmd_run,
+    "reproduce": cmd_reproduce,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "eval": cmd_eval,
+    "verify": cmd_verify,
+    "bench": cmd_bench,
+    "data": cmd_data,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default sys.argv[1:]), run the command, return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, already printed as one line)
+        return int(exc.code or 0)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `harness list ... | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return OK
+    except KeyboardInterrupt:
+        sys.stderr.write("harness: interrupted; finished cells keep their result.json, the others resume next time\n")
+        return INTERRUPTED
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            sys.stderr.write(f"harness: error: {_one_line(str(exc))}\n")
+            return USAGE
+        raise
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's mistake, not ours: reported without a traceback."""
+    kinds: list[type[BaseException]] = [UserError]
+    for module, name in (("detector.config", "ConfigError"), ("detector.data", "DataError")):
+        mod = sys.modules.get(module)  # only if loaded: if it is not, it cannot have raised
+        if mod is not None and isinstance(getattr(mod, name, None), type):
+            kinds.append(getattr(mod, name))
+    return tuple(kinds)
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _existing(path: str, flag: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    return p
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples -> lists, numpy / torch scalars -> Python numbers, Paths -> str (for json.dumps)."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _print_mapping(info: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(info, indent=2))
+    else:
+        print(_table([("key", "value"), *((str(k), json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in info.items())]))
+
+
+__all__ = ["COMMANDS", "build_parser", "main"]

@@ -1,0 +1,345 @@
+"""Where a cell's process runs: here (a bounded pool of subprocesses) or on Slurm through submitit.
+
+A cell is always the same command, `python -m detector.run CELL_DIR` (ARCHITECTURE.md, "the one
+door"), or `python -m torch.distributed.run --standalone --nproc-per-node N -m detector.run CELL_DIR`
+for `--nproc-per-cell N`; its stdout and stderr go to `CELL_DIR/stdout.txt`. Executors only decide
+where that command runs:
+
+- `local`: a subprocess per cell, in its own session so that a Ctrl-C of the harness can stop the
+  whole tree (torchrun and its workers) and nothing else.
+- `submitit`: one submitit job per cell (`AutoExecutor`: Slurm when `sbatch` is there, else its
+  `LocalExecutor`). The job runs the same command; it is checkpointable, so a Slurm timeout or
+  preemption requeues it and `detector.run` resumes from `checkpoints/latest.pt`.
+
+The only scheduling is `run_pool`, a bounded in-flight set (submitit's LocalExecutor has no
+parallelism cap of its own, ecosystem_anchors section 3.2). No home-made queue beyond that.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from harness.errors import UserError
+
+T = TypeVar("T")
+
+STDOUT_FILE = "stdout.txt"
+# Seconds a cell gets between SIGTERM and SIGKILL when the harness is interrupted: long enough for
+# detector.run to finish an atomic checkpoint write, short enough for a user holding Ctrl-C.
+KILL_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellCommand:
+    """One cell's process: argv (no shell), extra environment, where its output goes."""
+
+    cell_dir: Path
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.cell_dir / STDOUT_FILE
+
+
+def cell_argv(cell_dir: Path, *, nproc_per_cell: int = 1, python: str | None = None) -> tuple[str, ...]:
+    """The command that runs one cell: detector.run alone, or under torchrun for N processes."""
+    exe = python or sys.executable
+    if nproc_per_cell < 1:
+        raise UserError(f"--nproc-per-cell: must be >= 1, got {nproc_per_cell}")
+    if nproc_per_cell == 1:
+        return (exe, "-m", "detector.run", str(cell_dir))
+    return (
+        exe, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc_per_cell),
+        "-m", "detector.run", str(cell_dir),
+    )  # fmt: skip
+
+
+def thread_env(*, jobs: int, nproc_per_cell: int) -> dict[str, str]:
+    """OMP/MKL threads per process so that concurrent cells do not oversubscribe the CPU cores.
+
+    Left alone when there is one process in all, or when the user set OMP_NUM_THREADS already.
+    """
+    procs = max(1, jobs) * max(1, nproc_per_cell)
+    if procs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // procs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+class Handle(Protocol):
+    """A started cell: `poll()` is None while it runs, then its exit code; `cancel()` stops it."""
+
+    def poll(self) -> int | None: ...
+
+    def cancel(self) -> None: ...
+
+
+class Executor(Protocol):
+    def submit(self, command: CellCommand, *, keep_fds: Sequence[int] = ()) -> Handle: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# local
+
+
+def _spawn(command: CellCommand, *, keep_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    command.cell_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **command.env}
+    with open(command.stdout_path, "wb") as out:
+        # start_new_session: the cell and its torchrun workers form their own process group, which
+        # `_stop` can terminate as one; a terminal Ctrl-C reaches the harness only, which then
+        # stops every cell it started (and only those).
+        return subprocess.Popen(
+            list(command.argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            pass_fds=tuple(keep_fds),
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after `grace_s` seconds."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class LocalHandle:
+    def __init__(self, proc: subprocess.Popen[bytes], grace_s: float) -> None:
+        self.proc = proc
+        self.grace_s = grace_s
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def cancel(self) -> None:
+        _stop(self.proc, self.grace_s)
+
+
+@dataclass(kw_only=True)
+class LocalExecutor:
+    """Each cell in its own subprocess on this machine."""
+
+    grace_s: float = KILL_GRACE_S
+
+    def submit(self, command: CellCommand, *, keep_fds: Sequence[int] = ()) -> Handle:
+        # keep_fds: the cell's lock file, so that a cell which outlives a killed harness keeps its
+        # folder locked until it exits (flock belongs to the open file, shared with the child).
+        return LocalHandle(_spawn(command, keep_fds=keep_fds), self.grace_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# submitit
+
+
+class SubmititCell:
+    """The callable a submitit job runs: the cell's command, waited for, its exit code returned.
+
+    It has a `checkpoint` method, so submitit requeues it on a Slurm timeout or preemption
+    (`helpers.Checkpointable` protocol, duck-typed to keep submitit an optional import); the
+    requeued job starts the same command and `detector.run` resumes from its latest checkpoint.
+    """
+
+    def __init__(self, command: CellCommand) -> None:
+        self.command = command
+
+    def __call__(self) -> int:
+        proc = _spawn(self.command)
+        try:
+            return proc.wait()
+        finally:
+            # Cancel, timeout and requeue arrive as signals that raise out of `wait`: never leave
+            # the cell's process tree behind.
+            _stop(proc, grace_s=1.0)
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SubmititCell(self.command))
+
+
+class SubmititHandle:
+    def __init__(self, job: Any) -> None:
+        self.job = job
+        self.error: str | None = None
+
+    def poll(self) -> int | None:
+        if not self.job.done():
+            return None
+        try:
+            return int(self.job.result())
+        except Exception as exc:  # noqa: BLE001 - a job that died (node failure, cancelled)
+            # The cell's own error is in stdout.txt; this records why the job itself ended.
+            self.error = f"{type(exc).__name__}: {exc}"
+            return 1
+
+    def cancel(self) -> None:
+        try:
+            self.job.cancel(check=False)
+        except Exception:  # noqa: BLE001 - the job may be gone already
+            pass
+
+
+@dataclass(kw_only=True)
+class SubmititExecutor:
+    """One submitit job per cell: Slurm if available, else submitit's own local executor.
+
+    Args:
+        folder: where submitit keeps its pickles and job logs (`<runs>/_submitit/<matrix>/<profile>`).
+        cluster: None (auto: slurm when available, else local), "slurm", "local" or "debug".
+        timeout_min: the job's time limit; submitit's default for local jobs is 2 minutes, far too
+            short for a training run, so we always set it.
+        gpus_per_node: GPUs the job asks for (the cell's `--nproc-per-cell` on CUDA, else 0).
+        cpus_per_task: CPU cores for the job.
+        slurm_partition: optional partition name.
+    """
+
+    folder: Path
+    cluster: str | None = None
+    timeout_min: int = 3 * 24 * 60
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    slurm_partition: str | None = None
+    _executor: Any = None
+
+    def _get(self) -> Any:
+        if self._executor is None:
+            try:
+                import submitit
+            except ImportError:
+                raise UserError("--executor submitit: submitit is not installed; pip install 'frcnn-harness[cluster]'") from None
+            self.folder.mkdir(parents=True, exist_ok=True)
+            ex = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
+            params: dict[str, Any] = {"timeout_min": self.timeout_min, "nodes": 1, "tasks_per_node": 1}
+            if self.gpus_per_node:
+                params["gpus_per_node"] = self.gpus_per_node
+            if self.cpus_per_task:
+                params["cpus_per_task"] = self.cpus_per_task
+            if self.slurm_partition and ex.cluster == "slurm":
+                params["slurm_partition"] = self.slurm_partition
+            ex.update_parameters(**params)
+            self._executor = ex
+        return self._executor
+
+    def submit(self, command: CellCommand, *, keep_fds: Sequence[int] = ()) -> Handle:
+        executor = self._get()
+        executor.update_parameters(name=command.cell_dir.name)
+        return SubmititHandle(executor.submit(SubmititCell(command)))
+
+
+# --------------------------------------------------------------------------------------------------
+# the pool
+
+
+def run_pool(
+    items: Iterable[T],
+    *,
+    start: Callable[[T], Handle | None],
+    finish: Callable[[T, int], None],
+    max_in_flight: int = 1,
+    poll_s: float = 0.2,
+) -> None:
+    """Start items while fewer than `max_in_flight` run; call `finish(item, exit_code)` for each.
+
+    `start` prepares an item and returns its handle, or None when there is nothing to run (already
+    done, skipped, held by another runner). An exception from `finish` is the caller's to report;
+    the pool itself never stops because one cell failed. On KeyboardInterrupt (Ctrl-C, or SIGTERM
+    turned into one by the caller) every running item is cancelled and the interrupt re-raised;
+    items that finished before keep their results.
+    """
+    if max_in_flight < 1:
+        raise UserError(f"--jobs: must be >= 1, got {max_in_flight}")
+    todo = iter(items)
+    running: list[tuple[T, Handle]] = []
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(running) < max_in_flight:
+                item = next(todo, None)
+                if item is None:
+                    exhausted = True
+                    break
+                handle = start(item)
+                if handle is not None:
+                    running.append((item, handle))
+            if not running:
+                if exhausted:
+                    return
+                continue
+            still: list[tuple[T, Handle]] = []
+            for item, handle in running:
+                code = handle.poll()
+                if code is None:
+                    still.append((item, handle))
+                else:
+                    finish(item, code)
+            if len(still) == len(running):
+                time.sleep(poll_s)
+            running = still
+    except BaseException:
+        for _item, handle in running:
+            handle.cancel()
+        raise
+
+
+def make_executor(
+    kind: str,
+    *,
+    folder: Path,
+    nproc_per_cell: int = 1,
+    device: str = "cpu",
+    timeout_min: int | None = None,
+    slurm_partition: str | None = None,
+    cluster: str | None = None,
+) -> Executor:
+    """`local` or `submitit` by name (the `--executor` flag)."""
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "submitit":
+        return SubmititExecutor(
+            folder=folder,
+            cluster=cluster or os.environ.get("HARNESS_SUBMITIT_CLUSTER") or None,
+            timeout_min=timeout_min or 3 * 24 * 60,
+            gpus_per_node=nproc_per_cell if device.startswith("cuda") else 0,
+            cpus_per_task=None,
+            slurm_partition=slurm_partition,
+        )
+    raise UserError(f"--executor: {kind!r} is not allowed; allowed: {', '.join(EXECUTORS)}")
+
+
+EXECUTORS = ("local", "submitit")
+
+__all__ = [
+    "CellCommand",
+    "EXECUTORS",
+    "Executor",
+    "Handle",
+    "LocalExecutor",
+    "SubmititCell",
+    "SubmititExecutor",
+    "cell_argv",
+    "make_executor",
+    "run_pool",
+    "thread_env",
+]

@@ -1,0 +1,254 @@
+"""From `harness run MATRIX --profile P [flags]` to the list of cell jobs, and running them.
+
+The profile (matrices/*.yaml) and the flags decide the data, the budget and the device of every
+cell: they become one `detector.config.RunConfig` per (cell, seed). The cell's axes become its
+`DetectorConfig` through `detector.recipes.resolve`. Both are written to `spec.json`, the one door
+to the detector (ARCHITECTURE.md). A cell the detector cannot build (an axis value it does not
+implement) is recorded `skipped` with the reason; it is never given made-up numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+from harness.executors import make_executor, thread_env
+from harness.provenance import base_provenance
+from harness.runs import CellJob, RunSummary, cell_dir, check_name, profile_dir, run_jobs
+
+TRAIN_ANN = "annotations/instances_train2017.json"
+TRAIN_IMAGES = "train2017"
+VAL_ANN = "annotations/instances_val2017.json"
+VAL_IMAGES = "val2017"
+
+
+def runs_dir_of(args: argparse.Namespace) -> Path:
+    """`--runs-dir`, else `<repo>/runs` (git-ignored)."""
+    if getattr(args, "runs_dir", None):
+        return Path(args.runs_dir).resolve()
+    from harness.matrix import repo_root
+
+    return repo_root() / "runs"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_coco_root(root: Path, what: str) -> Path:
+    """`root` made absolute, if it holds a COCO-2017 train split; UserError naming what is missing."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"{what} {root}: no such folder; a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/")
+    missing = [p for p, ok in ((TRAIN_ANN, (root / TRAIN_ANN).is_file()), (f"{TRAIN_IMAGES}/", (root / TRAIN_IMAGES).is_dir())) if not ok]
+    if missing:
+        raise UserError(f"{what} {root}: missing {' and '.join(missing)} (a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/)")
+    return root
+
+
+def synthetic_root(runs_dir: Path, *, images: int, seed: int) -> Path:
+    """The synthetic COCO set for (images, seed), generated once under `<runs>/_data/` and reused.
+
+    Generated into a temporary folder and renamed into place under a lock, so a second runner
+    never sees half a dataset and never generates it twice.
+    """
+    from detector.synth import make_synthetic_coco
+
+    base = Path(runs_dir) / "_data"
+    base.mkdir(parents=True, exist_ok=True)
+    root = base / f"synthetic-{images}-s{seed}"
+    with open(base / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (root / TRAIN_ANN).is_file():
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
+        try:
+            make_synthetic_coco(tmp, images=images, seed=seed)
+            shutil.rmtree(root, ignore_errors=True)  # a leftover without annotations
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def dataset_root(matrix: Any, profile: Any, *, data: str | None, runs_dir: Path, seed: int, log: Callable[[str], None]) -> Path:
+    """The data root of a run: `--data`, else the profile's path, else the generated synthetic set."""
+    if data:
+        return check_coco_root(Path(data), "--data")
+    data_root = profile.data_root(None)  # UserError for a profile without data ("none")
+    if data_root == "synthetic":
+        t0 = time.monotonic()
+        root = synthetic_root(runs_dir, images=profile.synth_images, seed=seed)
+        if time.monotonic() - t0 > 1.0:
+            log(f"generated the synthetic set ({profile.synth_images} images, seed {seed}) in {time.monotonic() - t0:.1f} s")
+        return root
+    path = Path(data_root).expanduser()
+    if not path.is_absolute():
+        path = Path(matrix.path).parent / path
+    return check_coco_root(path, f"profile {profile.name!r} data (use --data ROOT to point at COCO 2017):")
+
+
+def parse_pretrained(items: Sequence[str]) -> dict[str, Path]:
+    """`NAME=FILE` pairs -> {name: absolute file}; UserError on a malformed pair or missing file."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise UserError(f"--pretrained {item!r}: expected NAME=FILE, e.g. torchvision://resnet50=/weights/resnet50.pth")
+        path = Path(file).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"--pretrained {name}: file not found: {path}")
+        out[name] = path
+    return out
+
+
+def run_config(profile: Any, *, data_root: Path, device: str, seed: int, pretrained_path: Path | None = None, load_from_path: Path | None = None) -> Any:
+    """The `RunConfig` of one (cell, seed) from the profile; val files only where they exist."""
+    from detector.config import RunConfig
+
+    has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
+    return RunConfig(
+        data_root=str(data_root),
+        train_ann=TRAIN_ANN,
+        train_images=TRAIN_IMAGES,
+        val_ann=VAL_ANN if has_val else None,
+        val_images=VAL_IMAGES if has_val else None,
+        device=device,
+        seed=seed,
+        images_per_gpu=profile.images_per_gpu,
+        workers=profile.workers,
+        max_iters=profile.max_iters,
+        image_scale=tuple(profile.image_scale) if profile.image_scale else None,
+        eval_max_images=profile.eval_max_images,
+        checkpoint_interval=profile.checkpoint_interval,
+        bench_images=profile.bench_images,
+        pretrained_path=str(pretrained_path) if pretrained_path else None,
+        load_from_path=str(load_from_path) if load_from_path else None,
+    )
+
+
+def build_problem(cfg: Any) -> str | None:
+    """Why the detector cannot build `cfg` (ConfigError / NotImplementedError), or None if it can.
+
+    The model is built on the meta device: no memory, no init cost, same constructor code. Any
+    other exception is not decided here: the cell runs and its own process reports the error.
+    """
+    try:
+        import torch
+
+        from detector.config import ConfigError
+        from detector.model import build_detector
+    except ImportError:
+        return None
+    try:
+        with torch.device("meta"):
+            build_detector(cfg)
+    except (ConfigError, NotImplementedError) as exc:
+        return f"the detector cannot build this cell: {type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - see docstring
+        return None
+    return None
+
+
+def plan_run(
+    matrix: Any,
+    profile: Any,
+    *,
+    cells: Sequence[Any],
+    seeds: Sequence[int],
+    runs_dir: Path,
+    data_root: Path,
+    device: str,
+    pretrained: dict[str, Path],
+) -> list[CellJob]:
+    """One `CellJob` per (cell, seed), in matrix order then seed order."""
+    from detector.config import ConfigError
+    from detector.recipes import resolve
+
+    check_name("matrix", matrix.name)
+    resolved: list[tuple[Any, Any, str | None]] = []
+    for cell in cells:
+        try:
+            cfg, problem = resolve(dict(cell.axes), name=cell.name), None
+        except ConfigError as exc:
+            cfg, problem = None, f"the recipe cannot resolve this cell: {exc}"
+        if cfg is not None:
+            problem = build_problem(cfg)
+        resolved.append((cell, cfg, problem))
+    used = {name for _c, cfg, _p in resolved if cfg is not None for name in (cfg.pretrained, cfg.load_from) if name}
+    unknown = sorted(set(pretrained) - used)
+    if unknown:
+        raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {', '.join(sorted(used)) or 'none'}")
+    jobs: list[CellJob] = []
+    for cell, cfg, problem in resolved:
+        for seed in seeds:
+            run = run_config(
+                profile, data_root=data_root, device=device, seed=seed,
+                pretrained_path=pretrained.get(cfg.pretrained) if cfg is not None and cfg.pretrained else None,
+                load_from_path=pretrained.get(cfg.load_from) if cfg is not None and cfg.load_from else None,
+            )  # fmt: skip
+            jobs.append(CellJob(
+                name=cell.name, matrix=matrix.name, profile=profile.name, seed=seed,
+                folder=cell_dir(runs_dir, matrix.name, profile.name, cell.name, seed),
+                spec={"config": cfg.to_dict() if cfg is not None else None, "run": run.to_dict()},
+                axes=dict(cell.axes), notes=tuple(cfg.notes) if cfg is not None else (), skip_reason=problem,
+            ))  # fmt: skip
+    return jobs
+
+
+def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tuple[RunSummary, Any]:
+    """`harness run` (and the first half of `reproduce`): plan the cells, run them, log a summary."""
+    from harness.matrix import load_matrix
+
+    matrix = load_matrix(args.matrix)
+    profile = matrix.profile(args.profile)
+    cells = matrix.cells_for(profile, args.only)
+    if not cells:
+        raise UserError(f"--only {' '.join(args.only)}: none of these cells is in profile {profile.name!r}, which runs {', '.join(profile.cells)}")
+    device = args.device or default_device()
+    if device == "cuda" and args.executor == "local" and default_device() != "cuda":
+        raise UserError("--device cuda: no CUDA device is visible here; allowed: cpu")
+    runs_dir = runs_dir_of(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    pretrained = parse_pretrained(args.pretrained)
+    data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
+    jobs = plan_run(matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device, pretrained=pretrained)
+    executor = make_executor(
+        args.executor, folder=runs_dir / "_submitit" / matrix.name / profile.name, nproc_per_cell=args.nproc_per_cell,
+        device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
+    )  # fmt: skip
+    where = profile_dir(runs_dir, matrix.name, profile.name)
+    log(f"{matrix.name} / {profile.name}: {len(cells)} cells x {len(seeds)} seed(s) on {device} "
+        f"({args.executor}, {args.jobs} at a time), data {data_root}, runs in {where}")  # fmt: skip
+    t0 = time.monotonic()
+    summary = run_jobs(
+        jobs, executor=executor, base_provenance=base_provenance(), nproc_per_cell=args.nproc_per_cell,
+        max_in_flight=args.jobs, force=args.force, env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell), log=log,
+    )  # fmt: skip
+    counts = ", ".join(f"{summary.count(s)} {s}" for s in ("ok", "failed", "skipped"))
+    log(f"done in {time.monotonic() - t0:.1f} s: {counts}" + (f" ({len(summary.cached)} finished before)" if summary.cached else ""))
+    return summary, matrix
+
+
+__all__ = [
+    "build_problem",
+    "check_coco_root",
+    "dataset_root",
+    "default_device",
+    "execute_run",
+    "parse_pretrained",
+    "plan_run",
+    "run_config",
+    "runs_dir_of",
+    "synthetic_root",
+]

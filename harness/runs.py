@@ -1,0 +1,442 @@
+"""Cell folders, the ledger of finished cells, locks, atomic writes, and running a list of cells.
+
+Layout (ARCHITECTURE.md, "Cell folder"):
+
+    <runs>/<matrix>/<profile>/<cell>/            seed 0
+    <runs>/<matrix>/<profile>/<cell>/seed-<s>/   any other seed s
+        spec.json log.jsonl metrics.json result.json checkpoints/ stdout.txt .lock
+
+Ledger: a cell's `result.json` records `config_hash`, the sha256 of the canonical JSON of its
+`spec.json`. A cell whose result is `ok` or `skipped` under the same hash is finished and is not run
+again; a `failed` cell, an interrupted one (no result.json) or a changed one (other hash) runs again.
+A failed or interrupted cell resumes from its checkpoints; a changed or `--force`d one first moves
+its old outputs to `<cell>/_previous/` so that `detector.run` cannot resume a different config.
+
+Locks: `fcntl.flock` on `<cell>/.lock`, held by the runner from preparing a cell until its
+result.json is written (and inherited by the local cell process, so a cell that outlives a killed
+runner still holds its folder). A second runner on the same runs folder skips cells held by the
+first, and at the end waits for them and takes their results as they are: two runners never write
+the same cell. All JSON is written to a temporary file and `os.replace`d, so a reader (or a Ctrl-C)
+never sees half a file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from harness.errors import UserError
+from harness.executors import CellCommand, Executor, Handle, cell_argv, run_pool
+from harness.provenance import cell_provenance, now_iso
+
+SPEC, METRICS, RESULT, LOG, STDOUT, LOCK = "spec.json", "metrics.json", "result.json", "log.jsonl", "stdout.txt", ".lock"
+PREVIOUS = "_previous"
+FINISHED = ("ok", "skipped")
+# Outputs of one attempt; moved aside when the config changed or a re-run is forced.
+_OUTPUTS = (SPEC, METRICS, RESULT, LOG, STDOUT, "checkpoints")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_TAIL_LINES = 15
+
+
+def check_name(kind: str, name: str) -> str:
+    """A matrix, profile or cell name that is safe as one path component; UserError otherwise."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"{kind} name {name!r} cannot be a folder name; allowed: letters, digits, '.', '_', '+', '-'")
+    return name
+
+
+def profile_dir(runs_dir: Path, matrix: str, profile: str) -> Path:
+    return Path(runs_dir) / check_name("matrix", matrix) / check_name("profile", profile)
+
+
+def cell_dir(runs_dir: Path, matrix: str, profile: str, cell: str, seed: int) -> Path:
+    """`<runs>/<matrix>/<profile>/<cell>/` for seed 0, `.../<cell>/seed-<s>/` for any other seed."""
+    base = profile_dir(runs_dir, matrix, profile) / check_name("cell", cell)
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
+    return base if seed == 0 else base / f"seed-{seed}"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file next to `path`, fsync it, then `os.replace` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None if it is missing or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def iter_results(runs_dir: Path, matrix: str, profile: str) -> Iterator[dict[str, Any]]:
+    """Every result.json of a (matrix, profile), parsed, in cell-name then seed order."""
+    root = profile_dir(runs_dir, matrix, profile)
+    if not root.is_dir():
+        return
+    for cell in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        seeds = sorted((p for p in cell.glob("seed-*") if p.is_dir()), key=lambda p: _seed_of(p.name))
+        for folder in (cell, *seeds):
+            path = folder / RESULT
+            if not path.exists():
+                continue
+            result = read_json(path)
+            if result is None:
+                warnings.warn(f"{path}: not a JSON object; ignored", stacklevel=2)
+                continue
+            yield result
+
+
+def _seed_of(name: str) -> int:
+    try:
+        return int(name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return 1 << 30
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def config_hash(spec: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of a spec: key order and whitespace do not matter."""
+    return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()
+
+
+def tail(path: Path, lines: int = _TAIL_LINES) -> str:
+    """The last `lines` lines of a text file ("" if missing), for a crashed cell's error."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class CellLock:
+    """An exclusive `flock` on `<cell_dir>/.lock`; released on `release()` or process exit."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / LOCK
+        self.fd: int | None = None
+
+    def acquire(self, *, blocking: bool = False) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def finished_result(folder: Path, chash: str) -> dict[str, Any] | None:
+    """The cell's result.json if it is finished (ok / skipped) under this config hash, else None."""
+    result = read_json(folder / RESULT)
+    if result and result.get("config_hash") == chash and result.get("status") in FINISHED:
+        return result
+    return None
+
+
+def archive_outputs(folder: Path) -> None:
+    """Move the previous attempt's outputs to `<cell>/_previous/` (replacing an older archive)."""
+    present = [name for name in _OUTPUTS if (folder / name).exists()]
+    if not present:
+        return
+    archive = folder / PREVIOUS
+    shutil.rmtree(archive, ignore_errors=True)
+    archive.mkdir()
+    for name in present:
+        os.replace(folder / name, archive / name)
+
+
+# --------------------------------------------------------------------------------------------------
+# running a list of cells
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellJob:
+    """One (cell, seed) to run: where, what, and whether the detector can build it at all."""
+
+    name: str
+    matrix: str
+    profile: str
+    seed: int
+    folder: Path
+    spec: dict[str, Any]  # {"config": DetectorConfig.to_dict() or None, "run": RunConfig.to_dict()}
+    axes: dict[str, str]
+    notes: tuple[str, ...] = ()
+    skip_reason: str | None = None  # set: record `skipped` with this reason, run nothing
+
+    @property
+    def label(self) -> str:
+        return self.name if self.seed == 0 else f"{self.name} (seed {self.seed})"
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.spec)
+
+
+@dataclass(kw_only=True)
+class RunSummary:
+    """What a `run_jobs` call did, cell label -> status ("ok", "failed", "skipped")."""
+
+    statuses: dict[str, str] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)  # finished before, not run again
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.statuses.values() if s == status)
+
+
+@dataclass(kw_only=True)
+class _Attempt:
+    job: CellJob
+    lock: CellLock
+    started_at: str
+    t0: float
+
+
+def make_result(
+    job: CellJob,
+    *,
+    status: str,
+    metrics: dict[str, Any],
+    provenance: dict[str, Any],
+    error: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """A result.json object (ARCHITECTURE.md schema)."""
+    return {
+        "name": job.name,
+        "matrix": job.matrix,
+        "profile": job.profile,
+        "seed": job.seed,
+        "status": status,
+        "error": error,
+        "reason": reason,
+        "config_hash": job.config_hash,
+        "axes": dict(job.axes),
+        "metrics": {k: v for k, v in metrics.items() if k not in ("status", "error")},
+        "provenance": provenance,
+        "notes": list(job.notes),
+    }
+
+
+def outcome(code: int, metrics: dict[str, Any] | None, stdout: Path) -> tuple[str, str | None]:
+    """(status, error) of a finished cell process from its exit code and metrics.json.
+
+    Exit 0 with an ok metrics.json is ok; exit 3 (non-finite loss) carries its error in
+    metrics.json; any other exit is a crash whose error is the tail of stdout.txt.
+    """
+    if code == 0 and metrics is not None and metrics.get("status") == "ok":
+        return "ok", None
+    if metrics is not None and metrics.get("status") == "failed" and metrics.get("error"):
+        return "failed", str(metrics["error"])
+    if code == 0:
+        what = "metrics.json missing" if metrics is None else f"metrics.json status {metrics.get('status')!r}"
+        return "failed", f"detector.run exited 0 but {what}\n{tail(stdout)}".rstrip()
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return "failed", f"detector.run {how}\n{tail(stdout)}".rstrip()
+
+
+def run_jobs(
+    jobs: list[CellJob],
+    *,
+    executor: Executor,
+    base_provenance: dict[str, Any],
+    nproc_per_cell: int = 1,
+    max_in_flight: int = 1,
+    force: bool = False,
+    env: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+    argv: Callable[[Path], tuple[str, ...]] | None = None,
+) -> RunSummary:
+    """Run cells through `executor`, at most `max_in_flight` at once, writing each result.json.
+
+    Finished cells (same config hash, ok / skipped) are not run again unless `force`. A cell that
+    fails is recorded and the others go on. Cells held by another runner are skipped at first, then
+    waited for at the end and their result taken as it is. SIGTERM is handled like Ctrl-C: running
+    cells are stopped, finished results stay, and KeyboardInterrupt propagates to the caller.
+
+    Args:
+        argv: the command of a cell folder; default `cell_argv(folder, nproc_per_cell=...)`.
+    """
+    summary = RunSummary()
+    width = len(str(len(jobs)))
+    number = {id(job): i + 1 for i, job in enumerate(jobs)}
+    make_argv = argv or (lambda folder: cell_argv(folder, nproc_per_cell=nproc_per_cell))
+    active: dict[int, tuple[_Attempt, Handle]] = {}
+    busy: list[CellJob] = []
+
+    def say(job: CellJob, what: str, text: str = "") -> None:
+        log(f"[{number[id(job)]:>{width}}/{len(jobs)}] {what:<7} {job.label}" + (f": {text}" if text else ""))
+
+    def provenance(job: CellJob, metrics: dict[str, Any], started_at: str, wall: float) -> dict[str, Any]:
+        run = job.spec.get("run") or {}
+        return cell_provenance(base_provenance, metrics=metrics, run=run, nproc=nproc_per_cell, started_at=started_at, finished_at=now_iso(), wall_time_s=wall)
+
+    def start(job: CellJob, *, after_wait: bool = False) -> Handle | None:
+        lock = CellLock(job.folder)
+        if not lock.acquire(blocking=after_wait):
+            say(job, "busy", "another runner holds it; waiting for it at the end")
+            busy.append(job)
+            return None
+        try:
+            handle = prepare(job, lock, after_wait)
+        except BaseException:
+            lock.release()
+            raise
+        if handle is None:
+            lock.release()
+        return handle
+
+    def prepare(job: CellJob, lock: CellLock, after_wait: bool) -> Handle | None:
+        done = finished_result(job.folder, job.config_hash)
+        if after_wait and done is None:
+            # Another runner just finished this cell; take its result (even failed), never run twice.
+            other = read_json(job.folder / RESULT)
+            done = other if other and other.get("config_hash") == job.config_hash else None
+        if done is not None and not force and (job.skip_reason is None or done.get("status") == "skipped"):
+            summary.statuses[job.label] = str(done.get("status"))
+            summary.cached.append(job.label)
+            say(job, "done", f"{done.get('status')} before under the same config {job.config_hash[:12]}")
+            return None
+        old = read_json(job.folder / SPEC)
+        if force or (old is not None and config_hash(old) != job.config_hash):
+            archive_outputs(job.folder)  # never resume a checkpoint of another config
+        for name in (RESULT, METRICS):
+            (job.folder / name).unlink(missing_ok=True)  # a crash must not leave an old attempt's numbers
+        write_json_atomic(job.folder / SPEC, job.spec)
+        if job.skip_reason is not None:
+            result = make_result(job, status="skipped", metrics={}, provenance=provenance(job, {}, now_iso(), 0.0), reason=job.skip_reason)
+            write_json_atomic(job.folder / RESULT, result)
+            summary.statuses[job.label] = "skipped"
+            say(job, "skipped", job.skip_reason)
+            return None
+        say(job, "start")
+        attempt = _Attempt(job=job, lock=lock, started_at=now_iso(), t0=time.monotonic())
+        command = CellCommand(cell_dir=job.folder, argv=make_argv(job.folder), env=dict(env or {}))
+        handle = executor.submit(command, keep_fds=() if lock.fd is None else (lock.fd,))
+        active[id(job)] = (attempt, handle)
+        return handle
+
+    def finish(job: CellJob, code: int) -> None:
+        attempt, handle = active.pop(id(job))
+        try:
+            wall = time.monotonic() - attempt.t0
+            metrics = read_json(job.folder / METRICS)
+            status, error = outcome(code, metrics, job.folder / STDOUT)
+            job_error = getattr(handle, "error", None)
+            if status == "failed" and job_error and metrics is None:
+                error = f"{job_error}\n{error}"
+            prov = provenance(job, metrics or {}, attempt.started_at, wall)
+            write_json_atomic(job.folder / RESULT, make_result(job, status=status, metrics=metrics or {}, provenance=prov, error=error))
+            summary.statuses[job.label] = status
+            if status == "ok":
+                detail = f"box AP {(metrics or {}).get('box_ap')}"
+            else:
+                # The last line of a traceback tail is the exception; of a metrics error, the error.
+                detail = (error or "").strip().splitlines()[-1] if error and error.strip() else ""
+            say(job, status, f"{wall:.1f} s" + (f", {detail}" if detail else ""))
+        finally:
+            attempt.lock.release()
+
+    previous = _sigterm_as_interrupt()
+    try:
+        run_pool(jobs, start=start, finish=finish, max_in_flight=max_in_flight)
+        waiting = list(busy)
+        busy.clear()
+        run_pool(waiting, start=lambda job: start(job, after_wait=True), finish=finish, max_in_flight=max_in_flight)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        raise
+    finally:
+        # run_pool has cancelled whatever still ran; their folders get no result.json (they resume).
+        for attempt, _handle in active.values():
+            attempt.lock.release()
+        active.clear()
+        _restore_sigterm(previous)
+    return summary
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Turn SIGTERM into KeyboardInterrupt (main thread only) so both take the same cleanup path."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+__all__ = [
+    "CellJob",
+    "CellLock",
+    "RunSummary",
+    "archive_outputs",
+    "canonical_json",
+    "cell_dir",
+    "check_name",
+    "config_hash",
+    "finished_result",
+    "iter_results",
+    "make_result",
+    "outcome",
+    "profile_dir",
+    "read_json",
+    "run_jobs",
+    "tail",
+    "write_json_atomic",
+]
