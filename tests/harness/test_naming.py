@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from harness.matrix import load_matrix, repo_root
+from harness.matrix import load_matrix
 from harness.naming import canonical, compose, is_safe_name, strip_artifact
 
-SEED = repo_root().parent / "shared" / "seed" / "faster_rcnn_README.md"
+# A copy of ../shared/seed/faster_rcnn_README.md (MMDetection v3.3.0), so the tests run without shared/.
+SEED = Path(__file__).resolve().parents[1] / "resources" / "faster_rcnn_README.md"
 
 
 def test_compose_gives_every_regular_seed_name() -> None:
@@ -51,14 +53,20 @@ def test_canonical_maps_v2_metafile_and_artifacts() -> None:
     assert canonical("a_b", {"a_b": "a-b"}) == "a-b"
 
 
+def _link(text: str, line: str) -> str:
+    match = re.search(rf"\[{text}\]\((.+?)\)", line)
+    assert match is not None, (text, line)
+    return match.group(1)
+
+
 def test_every_seed_download_and_log_link_maps_to_its_row() -> None:
     text = SEED.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("|") and "[model](" in line]
     assert len(rows) == 31
     for line in rows:
-        config = re.search(r"\[config\]\(\./(.+?)\.py\)", line).group(1)
-        model = re.search(r"\[model\]\((.+?)\)", line).group(1)
-        log = re.search(r"\[log\]\((.+?)\)", line).group(1)
+        config, model, log = (_link(kind, line) for kind in ("config", "model", "log"))
+        assert config.startswith("./") and config.endswith(".py")
+        config = config[2:-3]
         assert canonical(model) == config, model
         assert canonical(log) == config, log
 
