@@ -333,6 +333,36 @@ def build_test_loader(dataset: CocoDetection, workers: int, rank: int = 0, world
     return DataLoader(dataset, batch_size=1, sampler=indices, num_workers=workers, collate_fn=collate)
 
 
+class TrainBatches:
+    """`detector.engine.BatchSource` over a `build_train_loader` loader.
+
+    `batches(epoch, start)` yields the batches start..L-1 of that epoch; the order is a pure
+    function of (seed, epoch, rank, world size), so the state to checkpoint is just those numbers.
+    """
+
+    def __init__(self, loader: DataLoader[Item]) -> None:
+        if not isinstance(loader.batch_sampler, AspectRatioBatchSampler):
+            raise TypeError("TrainBatches needs a loader from build_train_loader")
+        self.loader, self.sampler = loader, loader.batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch, start_batch=start)
+        yield from self.loader
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.sampler
+        return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size, "batch_size": s.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Nothing to restore: the engine passes the epoch and position. A different seed or batch
+        # size simply continues with this run's order (the checkpoint's recorded values are kept
+        # for provenance in the checkpoint itself).
+        return None
+
+
 def iterate_batches(loader: DataLoader[Item], *, start_iter: int = 0) -> Iterator[tuple[int, int, Batch]]:
     """Yield (iteration, epoch, batch) forever, starting at iteration `start_iter` (resume).
 
@@ -385,6 +415,6 @@ def subset_annotations(ann_in: Path, out: Path, *, categories: list[str] | None,
 
 __all__ = [
     "AspectRatioBatchSampler", "CocoDetection", "DataError", "build_dataset", "build_test_loader",
-    "build_train_loader", "collate", "iterate_batches", "load_coco", "read_json", "select_categories",
+    "build_train_loader", "collate", "iterate_batches", "TrainBatches", "load_coco", "read_json", "select_categories",
     "subset_annotations",
 ]
