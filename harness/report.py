@@ -1,0 +1,409 @@
+"""Regenerate the results page of a matrix: README.md, results.csv, plots and metafile.yml.
+
+`write_report` renders `reports/<matrix>/README.md` from the runs of one profile: the seed's
+sections, intros and tables (same headings, columns, row order and labels), each Mem / fps / box AP
+cell reading `measured / published`, plus a `Δ box AP` and a `Verdict` column, the provenance of
+the runs, the dataset, how the numbers were measured, the recipe deviations (quirks Q1, Q2, Q5,
+FP16, marked in the tables) and links to the plots, `results.csv` and `metafile.yml` beside it.
+
+`render_published_page` renders the same page from the published numbers alone (no runs): its
+tables reproduce the seed's cell for cell, which is what keeps the matrix YAML honest.
+
+The page is a pure function of the runs (its date is the last run's finish time, not "now"), so
+re-running `harness report` on unchanged runs rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from harness.collect import collect, load_loss_curves, recipe_notes, results_csv_frame
+from harness.compare import compare_frame, summary_counts
+from harness.matrix import METRIC_COLUMNS, Cell, MatrixSpec, Profile, Row, Table, repo_root
+from harness.metafile import measured_metafile, published_metafile, write_metafile
+from harness.plots import plot_ap_vs_fps, plot_ap_vs_published, plot_loss_curves
+from harness.verdicts import COMPARABLE_MEM_KIND, FPS_REL, PUBLISHED_DEVICE_CLASS, quirk_ids
+
+TEMPLATES = Path(__file__).parent / "templates"
+DELTA_COLUMN, VERDICT_COLUMN = "Δ box AP", "Verdict"
+SYMBOLS = {"pass": "✓ pass", "warn": "⚠ warn", "fail": "✗ fail", "not comparable": "not comparable", "not run": "not run"}
+FPS_MARK, MEM_MARK = "†", "‡"
+DEVIATIONS_ANCHOR = "#recipe-deviations"
+# What each quirk id means (shared/reference/mmdet_faster_rcnn_recipes.md section 5 and 1.7).
+QUIRKS: dict[str, str] = {
+    "Q1": "MMDetection v3's ms-2x / ms-3x configs only override the milestones and inherit `end=12` from "
+          "schedule_1x, so their learning rate never decays; the published checkpoints were trained in v2 with the "
+          "decay. These cells follow the checkpoint (reference §5 Q1).",
+    "Q2": "v3 `faster-rcnn_r101-caffe_fpn_ms-3x_coco.py` feeds caffe weights pytorch-normalised RGB images; the "
+          "published checkpoint was trained with caffe normalisation (BGR, std 1), which this cell keeps (reference §5 Q2).",
+    "Q5": "The January-February 2020 1x checkpoints predate MMDetection PR #2410: smooth-L1 losses, grad clip 35, "
+          "2000 training proposals, RoIAlign sampling 2, warmup ratio 1/3. These cells train today's L1 recipe, as the "
+          "table labels it, so a few tenths of AP either way are expected (reference §5 Q5, §1.8).",
+    "FP16": "The published FP16 checkpoint was trained with mmdet's 2020 FP16 hook and a static loss scale of 512, and "
+            "its fps measured on an FP16-wrapped model; this cell uses autocast with a dynamic loss scale, as v3's "
+            "AmpOptimWrapper does (reference §1.7).",
+}
+PLOTS: tuple[tuple[str, str], ...] = (
+    ("ap_vs_published.png", "Measured vs published box AP per cell"),
+    ("ap_vs_fps.png", "box AP against inference speed"),
+    ("loss_curves.png", "Training loss curves"),
+)
+
+
+def report_dir(matrix: MatrixSpec) -> Path:
+    """Where the page of `matrix` lives by default: `<repo>/reports/<matrix>/`."""
+    return repo_root() / "reports" / matrix.name
+
+
+def write_report(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write README.md, results.csv, metafile.yml and plots/*.png for `profile`; return the README path."""
+    out = Path(out_dir) if out_dir is not None else report_dir(matrix)
+    runs = collect(matrix, profile, Path(runs_dir))
+    compared = compare_frame(runs, matrix, profile)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_ap_vs_published(compared, out / "plots" / PLOTS[0][0])
+    plot_ap_vs_fps(compared, out / "plots" / PLOTS[1][0])
+    plot_loss_curves(load_loss_curves(runs), out / "plots" / PLOTS[2][0])
+    results_csv_frame(runs).to_csv(out / "results.csv", index=False)
+    datasets = dataset_facts(runs)
+    synthetic = bool(datasets) and all(d["synthetic"] for d in datasets)
+    write_metafile(measured_metafile(matrix, compared, runs, synthetic=synthetic, repo=repo_root()), out / "metafile.yml")
+    readme = out / "README.md"
+    readme.write_text(render_report(matrix, profile, runs, compared), encoding="utf-8")
+    return readme
+
+
+def render_report(matrix: MatrixSpec, profile: str, runs: pd.DataFrame, compared: pd.DataFrame) -> str:
+    """The measured page (markdown) from a `collect()` frame and its `compare_frame()`."""
+    prof = matrix.profile(profile)
+    by_name = {str(r["name"]): r for r in compared.to_dict(orient="records")}
+    counts = summary_counts(compared)
+    facts = [
+        ("Published numbers", f"{matrix.source or 'the seed table'} (single runs on 8x {PUBLISHED_DEVICE_CLASS})"),
+        ("Profile", _profile_text(prof)),
+        ("Provenance", _provenance_text(runs)),
+        ("Dataset", _dataset_text(runs, prof)),
+        ("Verdicts", f"{len(compared)} cells: " + ", ".join(f"{n} {v}" for v, n in counts.items())),
+    ]
+    legend = (
+        f"Each Mem / fps / box AP cell reads `measured / published` (\"-\": none). {DELTA_COLUMN} is measured minus "
+        f"published (with seeds: the mean, and in brackets its 95% interval). {FPS_MARK}: fps measured on another "
+        f"device class than the published {PUBLISHED_DEVICE_CLASS}, not comparable. {MEM_MARK}: CPU peak resident "
+        f"memory, not CUDA `max_memory_allocated`, not comparable. A [Qn]({DEVIATIONS_ANCHOR}) marker names a recipe "
+        "deviation. Each cell's reason is in `results.csv` and in `harness compare`."
+    )
+    sections = _sections(matrix, lambda table, row: _measured_cells(table, row, matrix, by_name[row.cell]), measured=True)
+    return _render(
+        matrix, facts=facts, legend=legend, sections=sections, measurement=_measurement(matrix, prof),
+        quirks=_quirks(matrix, runs), cell_notes=_cell_notes(matrix), run_deviations=_run_deviations(runs),
+        plots=[(title, f"plots/{file}") for file, title in PLOTS],
+        files=[("results.csv", "one row per cell and seed: measured, published, delta, verdict and its reason"),
+               ("metafile.yml", "the measured results in OpenMMLab metafile form")],
+        generated=f"Generated by `harness report {matrix.name} --profile {profile}`; do not edit by hand.",
+    )
+
+
+def render_published_page(matrix: MatrixSpec) -> str:
+    """The page from the published numbers alone (no runs); its tables are the seed's, cell for cell."""
+    facts = [
+        ("Published numbers", f"{matrix.source or 'the seed table'}"),
+        ("Mode", f"published numbers only, no runs: every table below is rendered from `{_display(matrix.path)}`"),
+    ]
+    sections = _sections(matrix, lambda table, row: _published_cells(table, row, matrix), measured=False)
+    return _render(
+        matrix, facts=facts, legend="", sections=sections, measurement=_measurement(matrix, None),
+        quirks=_quirks(matrix, None), cell_notes=_cell_notes(matrix), run_deviations=[], plots=[],
+        files=[("metafile.yml", "the published numbers in OpenMMLab metafile form")],
+        generated=f"Generated from {_display(matrix.path)} (published numbers only); do not edit by hand.",
+    )
+
+
+def write_published_report(matrix: MatrixSpec, out_dir: Path) -> Path:
+    """Write the published-only README.md and metafile.yml into `out_dir`; return the README path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metafile(published_metafile(matrix), out / "metafile.yml")
+    readme = out / "README.md"
+    readme.write_text(render_published_page(matrix), encoding="utf-8")
+    return readme
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A padded, centred GitHub markdown table; a `|` inside a cell is escaped unless it already is."""
+    cells = [[_escape(c) for c in columns]] + [[_escape(c) for c in row] for row in rows]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(columns))]
+    lines = ["| " + " | ".join(c.center(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "| " + " | ".join(":" + "-" * (w - 2) + ":" for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def dataset_facts(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """The data roots the runs used: path, COCO `info.description`, whether synthetic, eval splits."""
+    facts = []
+    ran = runs[runs["status"] != "not run"]
+    for root in sorted({str(r) for r in ran["data_root"].dropna()}):
+        description = _coco_description(Path(root) / "annotations" / "instances_train2017.json")
+        splits = sorted({str(s) for s in ran.loc[ran["data_root"] == root, "eval_split"].dropna()})
+        facts.append({"root": root, "description": description, "synthetic": "detector.synth" in description,
+                      "eval_splits": splits})
+    return facts
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def _sections(matrix: MatrixSpec, cells_of: Callable[[Table, Row], list[str]], *, measured: bool) -> list[dict[str, Any]]:
+    """Consecutive tables with the same heading share a section, as in the seed."""
+    sections: list[dict[str, Any]] = []
+    for table in matrix.tables:
+        columns = _measured_columns(table) if measured else list(table.columns)
+        block = {"intro": table.intro.strip(), "table": markdown_table(columns, [cells_of(table, r) for r in table.rows])}
+        if sections and sections[-1]["heading"] == table.heading:
+            sections[-1]["blocks"].append(block)
+        else:
+            sections.append({"heading": table.heading, "blocks": [block]})
+    return sections
+
+
+def _measured_columns(table: Table) -> list[str]:
+    cols = list(table.columns)
+    at = cols.index("box AP") + 1 if "box AP" in cols else len(cols)
+    return [*cols[:at], DELTA_COLUMN, VERDICT_COLUMN, *cols[at:]]
+
+
+def _published_cells(table: Table, row: Row, matrix: MatrixSpec) -> list[str]:
+    out = []
+    for col in table.columns:
+        if col in METRIC_COLUMNS:
+            # The text exactly as the seed prints it ("-" and "" differ there), else the number.
+            out.append(row.printed[col] if col in row.printed else _fmt(getattr(row.published, METRIC_COLUMNS[col])))
+        else:
+            out.append(_shared_cell(col, row, matrix))
+    return out
+
+
+def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, Any]) -> list[str]:
+    out = []
+    for col in _measured_columns(table):
+        if col == "Mem (GB)":
+            mark = MEM_MARK if _finite(cmp["mem_gb"]) and cmp["mem_kind"] != COMPARABLE_MEM_KIND else ""
+            out.append(f"{_fmt(cmp['mem_gb'])}{mark} / {_fmt(row.published.mem_gb)}")
+        elif col == "Inf time (fps)":
+            mark = FPS_MARK if _finite(cmp["fps"]) and cmp["device_class"] != PUBLISHED_DEVICE_CLASS else ""
+            out.append(f"{_fmt(cmp['fps'])}{mark} / {_fmt(row.published.fps)}")
+        elif col == "box AP":
+            ap = _fmt(cmp["box_ap"])
+            if cmp["n_seeds"] > 1 and _finite(cmp["box_ap_std"]):
+                ap += f" ± {cmp['box_ap_std']:.1f}"
+            out.append(f"{ap} / {_fmt(row.published.box_ap)}")
+        elif col == DELTA_COLUMN:
+            out.append(_delta_text(cmp, row.published.box_ap))
+        elif col == VERDICT_COLUMN:
+            marks = " ".join(f"[{q}]({DEVIATIONS_ANCHOR})" for q in quirk_ids(cmp["notes"]))
+            out.append(f"{SYMBOLS.get(cmp['verdict'], cmp['verdict'])} {marks}".strip())
+        else:
+            out.append(_shared_cell(col, row, matrix))
+    return out
+
+
+def _shared_cell(col: str, row: Row, matrix: MatrixSpec) -> str:
+    """Label, Config and Download cells: the same in both pages."""
+    if col in row.labels:
+        text = row.labels[col]
+        return f"[{text}](./{row.links[col]}.py)" if col in row.links else text
+    if col == "Config":
+        return f"[config](./{row.cell}.py)"
+    if col == "Download":
+        return _download(matrix.cell(row.cell))
+    return ""
+
+
+def _download(cell: Cell) -> str:
+    parts = [f"[model]({cell.download})"] if cell.download else []
+    if cell.log:
+        parts.append(f"[log]({cell.log})")
+    return " \\| ".join(parts)
+
+
+def _delta_text(cmp: dict[str, Any], published: float | None) -> str:
+    if published is None or not _finite(cmp["delta_box_ap"]):
+        return "-"
+    text = f"{cmp['delta_box_ap']:+.1f}"
+    if cmp["n_seeds"] > 1 and _finite(cmp["ci95_low"]):
+        text += f" [{cmp['ci95_low'] - published:+.1f}, {cmp['ci95_high'] - published:+.1f}]"
+    return text
+
+
+# ---- page facts -----------------------------------------------------------------------------
+
+
+def _profile_text(prof: Profile) -> str:
+    parts = [f"`{prof.name}`"]
+    parts.append("recipe epochs" if prof.max_iters is None else f"{prof.max_iters} iterations")
+    parts.append("recipe image scale (1333, 800)" if prof.image_scale is None else f"image scale {tuple(prof.image_scale)}")
+    parts.append(f"{prof.images_per_gpu} images per GPU")
+    if prof.eval_max_images is not None:
+        parts.append(f"evaluation on the first {prof.eval_max_images} images")
+    parts.append(f"fps over {prof.bench_images} images" if prof.bench_images else "no fps measurement")
+    parts.append({"published": "compared with the published numbers", "baselines": "compared with stored CI baselines",
+                  "none": "compared with nothing (a build-train-evaluate check)"}.get(prof.compare, prof.compare))
+    return ", ".join(parts)
+
+
+def _provenance_text(runs: pd.DataFrame) -> str:
+    ran = runs[runs["status"].isin(["ok", "failed"])]
+    if ran.empty:
+        return "no runs yet"
+    commits = _unique(ran["git_commit"], lambda c: f"`{str(c)[:12]}`")
+    dirty = " (dirty working tree)" if ran["git_dirty"].fillna(False).astype(bool).any() else ""
+    versions = []
+    for col, label in (("python_version", "python"), ("torch_version", "torch"), ("torchvision_version", "torchvision"),
+                       ("pycocotools_version", "pycocotools"), ("harness_version", "harness")):
+        versions.append(f"{label} {_unique(ran[col])}")
+    devices = _unique(ran["device"])
+    date = max((str(d) for d in ran["finished_at"].dropna()), default="unknown")
+    return f"commit {commits}{dirty}; {', '.join(versions)}; device {devices}; {len(ran)} run(s), last finished {date}"
+
+
+def _dataset_text(runs: pd.DataFrame, prof: Profile) -> str:
+    facts = dataset_facts(runs)
+    if not facts:
+        return f"no runs yet (the profile's data: {prof.data})"
+    parts = []
+    for f in facts:
+        kind = "synthetic COCO-format set generated by the harness" if f["synthetic"] else "COCO-2017-style root"
+        desc = f", \"{f['description']}\"" if f["description"] and not f["synthetic"] else ""
+        splits = f["eval_splits"]
+        if splits == ["val2017"]:
+            where = "evaluated on val2017"
+        elif splits == ["train2017"]:
+            where = "**evaluated on the train split** (the root has no val2017)"
+        else:
+            where = f"evaluated on {', '.join(splits) or 'nothing'} (per run in results.csv)"
+        parts.append(f"{kind} `{_display(Path(f['root']))}`{desc}; {where}")
+    return "; ".join(parts)
+
+
+def _measurement(matrix: MatrixSpec, prof: Profile | None) -> list[tuple[str, str]]:
+    tol = matrix.tolerances
+    items = [
+        ("box AP", "COCO bbox AP@[.5:.95] computed by pycocotools, in percentage points with one decimal."),
+        ("Mem (GB)", "peak `torch.cuda.max_memory_allocated` over the whole training, never reset, the maximum over "
+                     "ranks, MB / 1024 with one decimal (MMDetection v2's semantics, reference §2.1). On CPU the "
+                     f"peak resident set size is shown instead, marked {MEM_MARK}, and never compared."),
+        ("Inf time (fps)", "batch 1, 5 warm-up images, then images / second over the timed images, each timing the "
+                           "model call (host-to-device transfer, forward, post-processing) between device "
+                           "synchronisations; data loading excluded (reference §2.2). fps depends on the hardware: it "
+                           f"is compared only on a {PUBLISHED_DEVICE_CLASS}, else marked {FPS_MARK} (reference Q7)."),
+        ("Verdicts", f"box AP |Δ| ≤ {tol.box_ap_pass} pass, ≤ {tol.box_ap_warn} warn, beyond fail; Mem within "
+                     f"{tol.mem_rel:.0%} of the published value else fail; fps within {FPS_REL:.0%} else warn (fps is "
+                     "indicative only). A crashed or diverged run fails. Runs of a toy-scale profile (smoke, ci), or "
+                     "evaluated on the train split, are \"not comparable\" with the published COCO val2017 numbers."),
+        ("Seeds", "with K seeds the mean, sample std and 95% Student-t interval of the mean are shown; the cell passes "
+                  "if the whole interval lies inside the pass band around the published value, fails if it lies "
+                  "entirely outside the warn band, and warns otherwise. The published numbers are single runs."),
+    ]
+    if prof is not None and (prof.max_iters is not None or prof.image_scale is not None):
+        items.append(("This profile", f"`{prof.name}` shortens the recipe ({_profile_text(prof)}): its numbers "
+                                      "prove that every cell builds, trains, evaluates and benchmarks, nothing more."))
+    return items
+
+
+def _quirks(matrix: MatrixSpec, runs: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """Quirk id -> meaning and the cells it affects (with each cell's own note)."""
+    notes_of: dict[str, tuple[str, ...]] = {}
+    for cell in matrix.cells:
+        notes = recipe_notes(cell)
+        if runs is not None:
+            got = runs.loc[runs["name"] == cell.name, "notes"]
+            notes = tuple(got.iloc[0]) if len(got) and got.iloc[0] else notes
+        notes_of[cell.name] = notes
+    out: dict[str, dict[str, Any]] = {}
+    for name, notes in notes_of.items():
+        for note in notes:
+            for q in quirk_ids([note]):
+                entry = out.setdefault(q, {"id": q, "text": QUIRKS.get(q, ""), "cells": []})
+                entry["cells"].append((name, note.partition(":")[2].strip()))
+    return sorted(out.values(), key=lambda e: (not e["id"].startswith("Q"), e["id"]))
+
+
+def _cell_notes(matrix: MatrixSpec) -> list[tuple[str, str]]:
+    return [(c.name, n) for c in matrix.cells for n in c.notes if not quirk_ids([n])]
+
+
+def _run_deviations(runs: pd.DataFrame) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for devs in runs.loc[runs["status"] == "ok", "deviations"]:
+        for d in devs or ():
+            counts[d] = counts.get(d, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _render(matrix: MatrixSpec, **context: Any) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+        autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+    )
+    text = env.get_template("page.md.j2").render(
+        title=matrix.title, paper_title=matrix.paper_title, paper_url=matrix.paper_url, **context)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+# ---- small helpers --------------------------------------------------------------------------
+
+
+def _coco_description(path: Path) -> str:
+    """`info.description` of a COCO annotation file, read from its first 4 KB only (files can be 450 MB)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    m = re.search(r'"description"\s*:\s*("(?:[^"\\]|\\.)*")', head)
+    return str(json.loads(m.group(1))) if m else ""
+
+
+def _unique(values: pd.Series, fmt: Callable[[Any], str] = str) -> str:
+    seen = list(dict.fromkeys(v for v in values.dropna() if v != ""))
+    return ", ".join(fmt(v) for v in seen) if seen else "unknown"
+
+
+def _display(path: Path) -> str:
+    """A path relative to the repository when inside it (pages are read from the repo)."""
+    try:
+        return str(Path(path).resolve().relative_to(repo_root()))
+    except ValueError:
+        return str(path)
+
+
+def _escape(text: str) -> str:
+    return re.sub(r"(?<!\\)\|", r"\\|", str(text))
+
+
+def _fmt(x: Any) -> str:
+    return f"{float(x):.1f}" if _finite(x) else "-"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+__all__ = [
+    "QUIRKS",
+    "dataset_facts",
+    "markdown_table",
+    "render_published_page",
+    "render_report",
+    "report_dir",
+    "write_published_report",
+    "write_report",
+]
