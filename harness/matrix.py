@@ -19,14 +19,14 @@ import difflib
 import fnmatch
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from detector.config import ConfigError
+from detector.config import ConfigError, DetectorConfig
 from detector.recipes import AXES, DEFAULT_AXES, resolve
 from harness import naming
 from harness.errors import UserError
@@ -66,6 +66,14 @@ class Cell:
     download: str | None
     notes: tuple[str, ...] = ()
     log: str | None = None  # training log URL from the seed
+
+    def config(self) -> DetectorConfig:
+        """The resolved recipe of this cell (`detector.recipes.resolve`)."""
+        return resolve(self.axes, name=self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (`harness list --format json`): name, section, axes, published, ..."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +188,9 @@ class MatrixSpec:
 
     def _suggest(self, pattern: str) -> str:
         keys = list(self.aliases)
+        loose = f"*{pattern.strip('*')}*"
+        if any(ch in pattern for ch in "*?[") and any(fnmatch.fnmatchcase(k, loose) for k in keys):
+            return f"; globs match whole names: did you mean {loose!r}?"
         stripped = naming.strip_artifact(pattern.replace("*", "").replace("?", ""))
         close = difflib.get_close_matches(stripped, keys, n=3, cutoff=0.4)
         names = list(dict.fromkeys(self.aliases[k] for k in close))
@@ -294,7 +305,9 @@ def _find(name_or_path: str, directory: Path | None) -> Path:
 def _load(path: Path) -> MatrixSpec:
     ctx = _Ctx(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+        _check_duplicate_keys(ctx, yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -369,6 +382,21 @@ def _load(path: Path) -> MatrixSpec:
         except UserError as exc:
             ctx.fail(str(exc).split(": ", 1)[-1], field=f"profiles.{prof.name}.cells")
     return replace(spec, profiles=profiles)
+
+
+def _check_duplicate_keys(ctx: _Ctx, node: yaml.Node | None) -> None:
+    """yaml.safe_load keeps the last of two equal keys silently; a repeated cell name must fail."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise UserError(f"{ctx.path}:{key.start_mark.line + 1}: duplicate key {key.value!r}")
+                seen.add(key.value)
+            _check_duplicate_keys(ctx, value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(ctx, item)
 
 
 def _entry(ctx: _Ctx, raw: Any, index: int, field: str, keys: Sequence[str]) -> dict[str, str]:

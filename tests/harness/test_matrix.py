@@ -177,6 +177,11 @@ def test_every_cell_resolves_to_its_recipe(spec: MatrixSpec) -> None:
     person = resolve(spec.cell("faster-rcnn_r50-caffe_fpn_ms-1x_coco-person").axes)
     assert person.num_classes == 1 and person.load_from is not None
     assert resolve(spec.cell("faster-rcnn_r50-tnr-pre_fpn_1x_coco").axes).schedule.optimizer == "adamw"
+    c4 = spec.cell("faster-rcnn_r50-caffe_c4-1x_coco")
+    assert c4.config() == resolve(c4.axes, name=c4.name) and c4.config().roi_head.kind == "res5"
+    as_json = c4.to_dict()
+    assert as_json["published"] == {"box_ap": 35.6, "mem_gb": None, "fps": None} and as_json["section"] == "main"
+    assert as_json["axes"]["neck"] == "c4" and "faster-rcnn_r50-caffe-c4_1x_coco" in as_json["aliases"]
 
 
 def test_profiles_and_tolerances(spec: MatrixSpec) -> None:
@@ -221,6 +226,8 @@ def test_select_unknown_pattern_suggests(spec: MatrixSpec) -> None:
     msg = str(err.value)
     assert "faster_rcnn.yaml" in msg and "'faster-rcnn_r50_fpn_3x_coco'" in msg and "did you mean" in msg
     assert "faster-rcnn_r50_fpn_1x_coco" in msg or "faster-rcnn_r50_fpn_ms-3x_coco" in msg
+    with pytest.raises(UserError, match="globs match whole names: did you mean '\\*r50-caffe\\*'"):
+        spec.select(["r50-caffe*"])
     with pytest.raises(UserError, match="no cell matches 'retinanet_\\*'"):
         spec.select(["retinanet_*"])
     with pytest.raises(UserError, match="unknown cell 'faster-rcnn_r18_fpn_1x_coco'"):
@@ -381,6 +388,12 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
         load_matrix(str(path))
     msg = str(err.value)
     assert re.match(re.escape(str(path.resolve())) + r":\d+: invalid YAML: ", msg) and "\n" not in msg
+
+
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "cells:\n  faster-rcnn_r50_fpn_1x_coco: {aliases: [a]}\n  faster-rcnn_r50_fpn_1x_coco: {aliases: [b]}\n")
+    with pytest.raises(UserError, match=re.escape(str(path.resolve())) + r":4: duplicate key 'faster-rcnn_r50_fpn_1x_coco'"):
+        load_matrix(str(path))
 
 
 def test_unknown_matrix_name_and_missing_file(tmp_path: Path) -> None:
