@@ -513,10 +513,10 @@ def _profiles(ctx: _Ctx, raw: Any, inherited: dict[str, Profile]) -> dict[str, P
         if not naming.is_safe_name(name):
             ctx.fail("a profile name may only use letters, digits, '.', '_' and '-'", field=f"profiles.{name}")
         fields = dict(ctx.mapping(body, f"profiles.{name}", (*_PROFILE_FIELDS, "extends")))
-        parent_name = fields.pop("extends", name if name in inherited or name in out else None)
-        parent = out.get(str(parent_name)) or inherited.get(str(parent_name)) if parent_name is not None else None
+        parent_name = fields.pop("extends", name if name in out else None)  # `out` holds inherited ones too
+        parent = out.get(str(parent_name)) if parent_name is not None else None
         if parent_name is not None and parent is None:
-            ctx.fail(f"extends unknown profile {parent_name!r}", field=f"profiles.{name}.extends", allowed=list({**inherited, **out}))
+            ctx.fail(f"extends unknown profile {parent_name!r}", field=f"profiles.{name}.extends", allowed=list(out))
         base = {f: getattr(parent, f) for f in _PROFILE_FIELDS} if parent else {}
         missing = [f for f in _PROFILE_FIELDS if f not in fields and f not in base]
         if missing:
@@ -540,7 +540,7 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         text = "none" if value is None else ctx.text(value, where)
         if text in ("synthetic", "none"):
             return text
-        return str((ctx.path.parent / text).resolve())  # relative paths are relative to the YAML file
+        return str((ctx.path.parent / Path(text).expanduser()).resolve())  # relative to the YAML file
     if key == "compare":
         text = ctx.text(value, where)
         if text not in COMPARE_MODES:

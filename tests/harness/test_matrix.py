@@ -356,6 +356,7 @@ BASE = "axes: {backbone: [r50]}\n"
         (BASE + "profiles: {smoke: {max_iters: ten}}\n", ["field 'profiles.smoke.max_iters'", "expected an integer"]),
         (BASE + "profiles: {smoke: {compare: always}}\n", ["field 'profiles.smoke.compare'", "allowed: none, baselines, published"]),
         (BASE + "profiles: {new: {max_iters: 3}}\n", ["field 'profiles.new'", "missing fields", "allowed: data, compare"]),
+        (BASE + "profiles: {x: {extends: nope}}\n", ["field 'profiles.x.extends'", "unknown profile 'nope'", "allowed: smoke, ci, full"]),
         (BASE + "profiles: {smoke: {cells: [r18*]}}\n", ["field 'profiles.smoke.cells'", "no cell matches 'r18*'"]),
         (BASE + "tolerances: {box_ap_pass: -1}\n", ["field 'tolerances.box_ap_pass'", "non-negative"]),
     ],
