@@ -322,45 +322,19 @@ def build_train_loader(dataset: CocoDetection, images_per_gpu: int, workers: int
     """Training loader of one rank: shuffled, aspect-grouped batches of `images_per_gpu` (reference 1.3)."""
     sampler = AspectRatioBatchSampler(group_ids=dataset.group_ids(), batch_size=images_per_gpu, seed=seed,
                                       rank=rank, world_size=world_size)
+    # An own generator: creating a DataLoader iterator draws the workers' base seed from it, and
+    # without one that draw would consume the global torch RNG the RPN / RoI samplers use.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                      persistent_workers=workers > 0, pin_memory=pin_memory)
+                      persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def build_test_loader(dataset: CocoDetection, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader[Item]:
     """Batch-1 loader in dataset order; with world_size > 1 rank r gets items r, r + W, ... (no padding,
     so gathering every rank's results gives each image exactly once)."""
     indices = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=1, sampler=indices, num_workers=workers, collate_fn=collate)
-
-
-class TrainBatches:
-    """`detector.engine.BatchSource` over a `build_train_loader` loader.
-
-    `batches(epoch, start)` yields the batches start..L-1 of that epoch; the order is a pure
-    function of (seed, epoch, rank, world size), so the state to checkpoint is just those numbers.
-    """
-
-    def __init__(self, loader: DataLoader[Item]) -> None:
-        if not isinstance(loader.batch_sampler, AspectRatioBatchSampler):
-            raise TypeError("TrainBatches needs a loader from build_train_loader")
-        self.loader, self.sampler = loader, loader.batch_sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        self.sampler.set_epoch(epoch, start_batch=start)
-        yield from self.loader
-
-    def state_dict(self) -> dict[str, Any]:
-        s = self.sampler
-        return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size, "batch_size": s.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Nothing to restore: the engine passes the epoch and position. A different seed or batch
-        # size simply continues with this run's order (the checkpoint's recorded values are kept
-        # for provenance in the checkpoint itself).
-        return None
+    return DataLoader(dataset, batch_size=1, sampler=indices, num_workers=workers, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def iterate_batches(loader: DataLoader[Item], *, start_iter: int = 0) -> Iterator[tuple[int, int, Batch]]:
@@ -415,6 +389,6 @@ def subset_annotations(ann_in: Path, out: Path, *, categories: list[str] | None,
 
 __all__ = [
     "AspectRatioBatchSampler", "CocoDetection", "DataError", "build_dataset", "build_test_loader",
-    "build_train_loader", "collate", "iterate_batches", "TrainBatches", "load_coco", "read_json", "select_categories",
+    "build_train_loader", "collate", "iterate_batches", "load_coco", "read_json", "select_categories",
     "subset_annotations",
 ]
