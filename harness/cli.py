@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="ROOT")
     p.add_argument("--matrix", default=DEFAULT_MATRIX)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--max-images", type=_positive, metavar="N", help="evaluate the first N images only")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = sub.add_parser("bench", help="inference speed and memory of a cell (random weights)")
@@ -188,9 +189,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
         return OK
     import yaml
 
-    head = {k: v for k, v in info.items() if k != "config"}
-    for key, value in head.items():
-        print(f"{key}: {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key}: {value}")
+    for key, value in info.items():
+        if key == "config":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        print(f"{key}: {value}")
     print("config:")
     print("  " + yaml.safe_dump(info["config"], sort_keys=False).rstrip().replace("\n", "\n  "))
     return OK
@@ -266,7 +274,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     _cell, cfg = _resolved(args.matrix, args.cell)
     root = check_coco_root(Path(args.data), "--data")
-    result = verify(cfg, checkpoint=_existing(args.checkpoint, "--checkpoint"), data_root=root, device=args.device or default_device())
+    checkpoint = _existing(args.checkpoint, "--checkpoint")
+    result = verify(cfg, checkpoint=checkpoint, data_root=root, device=args.device or default_device(), max_images=args.max_images)
     _print_mapping(_jsonable(result), args.format)
     return OK
 
@@ -338,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that are the user's mistake, not ours: reported without a traceback."""
     kinds: list[type[BaseException]] = [UserError]
-    for module, name in (("detector.config", "ConfigError"), ("detector.data", "DataError")):
+    for module, name in (("detector.config", "ConfigError"), ("detector.data", "DataError"), ("detector.weights", "WeightsError")):
         mod = sys.modules.get(module)  # only if loaded: if it is not, it cannot have raised
         if mod is not None and isinstance(getattr(mod, name, None), type):
             kinds.append(getattr(mod, name))

@@ -191,7 +191,8 @@ class SubmititHandle:
             return int(self.job.result())
         except Exception as exc:  # noqa: BLE001 - a job that died (node failure, cancelled)
             # The cell's own error is in stdout.txt; this records why the job itself ended.
-            self.error = f"{type(exc).__name__}: {exc}"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.error = f"submitit job ended without a result: {type(exc).__name__}: {first}"
             return 1
 
     def cancel(self) -> None:

@@ -99,15 +99,18 @@ def dataset_root(matrix: Any, profile: Any, *, data: str | None, runs_dir: Path,
 
 
 def parse_pretrained(items: Sequence[str]) -> dict[str, Path]:
-    """`NAME=FILE` pairs -> {name: absolute file}; UserError on a malformed pair or missing file."""
+    """`NAME=FILE` pairs -> {name: absolute path}; UserError on a malformed pair or a missing path.
+
+    FILE may also be a folder holding the expected file name (`detector.weights.resolve_local`).
+    """
     out: dict[str, Path] = {}
     for item in items:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
             raise UserError(f"--pretrained {item!r}: expected NAME=FILE, e.g. torchvision://resnet50=/weights/resnet50.pth")
         path = Path(file).expanduser().resolve()
-        if not path.is_file():
-            raise UserError(f"--pretrained {name}: file not found: {path}")
+        if not path.exists():
+            raise UserError(f"--pretrained {name}: no such file or folder: {path}")
         out[name] = path
     return out
 

@@ -105,16 +105,18 @@ def _device_class(name: str) -> str:
     to it but never compared (DESIGN.md, "What the numbers mean").
 
     Examples: "Tesla V100-SXM2-32GB" -> "V100", "NVIDIA A100-SXM4-80GB" -> "A100",
-    "NVIDIA GeForce RTX 4090" -> "RTX 4090", "cpu" / "" -> "cpu".
+    "NVIDIA GeForce RTX 4090" -> "RTX 4090", "cpu" -> "cpu", "" -> "unknown".
     """
     text = name.strip()
-    if not text or text.lower().startswith("cpu"):
+    if not text:
+        return UNKNOWN
+    if text.lower().startswith("cpu"):
         return "cpu"
     text = re.sub(r"^(NVIDIA|Tesla|AMD|Quadro)\s+", "", text, flags=re.IGNORECASE)
     text = re.sub(r"^GeForce\s+", "", text, flags=re.IGNORECASE)
     # Drop form factor and memory size suffixes: "-SXM2-32GB", " PCIe", " 80GB HBM3".
     text = re.split(r"[-_]|\s+(?:PCIe|SXM\d*|NVL|\d+\s*GB)\b", text, maxsplit=1)[0]
-    return text.strip() or "cpu"
+    return text.strip() or UNKNOWN
 
 
 def device_info(device: str) -> dict[str, str]:
