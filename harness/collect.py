@@ -109,7 +109,8 @@ def load_loss_curves(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         log = Path(rec.run_dir) / "log.jsonl"
         for entry in _jsonl(log):
-            it, loss = entry.get("iter"), entry.get("loss")
+            it: Any = entry.get("iter")
+            loss: Any = entry.get("loss")
             if _number(it) and _number(loss):
                 points.append({"name": rec.name, "seed": int(rec.seed), "iter": int(it), "loss": float(loss)})
     return pd.DataFrame(points, columns=["name", "seed", "iter", "loss"])

@@ -128,11 +128,14 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, not_comparable: str |
     splits = set(ok["eval_split"].dropna())
     out["eval_split"] = ", ".join(sorted(splits)) or None
 
-    verdict, per_metric, reasons = judge(
-        ap_low=low, ap_high=high, mem_gb=out.get("mem_gb"), mem_kind=out["mem_kind"], fps=out.get("fps"),
-        device_class=out["device_class"], published=pub, tolerances=matrix.tolerances,
-    )
-    out.update(ap_verdict=per_metric["box_ap"], mem_verdict=per_metric["mem"], fps_verdict=per_metric["fps"])
+    verdict: str = "not run"
+    reasons: list[str] = []
+    if len(ok):
+        verdict, per_metric, reasons = judge(
+            ap_low=low, ap_high=high, mem_gb=out.get("mem_gb"), mem_kind=out["mem_kind"], fps=out.get("fps"),
+            device_class=out["device_class"], published=pub, tolerances=matrix.tolerances,
+        )
+        out.update(ap_verdict=per_metric["box_ap"], mem_verdict=per_metric["mem"], fps_verdict=per_metric["fps"])
     if len(failed):
         why = failed["verdict_reason"].iloc[-1]
         out.update(verdict="fail", reason=f"{len(failed)} of {len(failed) + len(ok)} seed(s) failed; {why}")

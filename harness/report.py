@@ -264,7 +264,7 @@ def _provenance_text(runs: pd.DataFrame) -> str:
     if ran.empty:
         return "no runs yet"
     commits = _unique(ran["git_commit"], lambda c: f"`{str(c)[:12]}`")
-    dirty = " (dirty working tree)" if ran["git_dirty"].fillna(False).astype(bool).any() else ""
+    dirty = " (dirty working tree)" if ran["git_dirty"].fillna(False).astype(bool).any() else " (clean)"
     versions = []
     for col, label in (("python_version", "python"), ("torch_version", "torch"), ("torchvision_version", "torchvision"),
                        ("pycocotools_version", "pycocotools"), ("harness_version", "harness")):

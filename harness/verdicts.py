@@ -109,9 +109,10 @@ def fps_verdict(measured: float | None, device_class: str | None, published: flo
 def combine(verdicts: Iterable[str]) -> Verdict:
     """One verdict from several metric verdicts: the worst compared one, else "not comparable"."""
     vs = set(verdicts)
-    for v in ("fail", "warn", "pass"):
+    order: tuple[Verdict, ...] = ("fail", "warn", "pass")
+    for v in order:
         if v in vs:
-            return v  # type: ignore[return-value]
+            return v
     return "not comparable"
 
 
@@ -157,7 +158,8 @@ def judge(
     """Verdict of one run (or one cell's seeds) on AP, Mem and fps against `published`.
 
     Args:
-        ap_low, ap_high: the AP interval (a single run: both equal the AP); None if no AP.
+        ap_low, ap_high: the AP interval (a single run: both equal the AP); None if the finished
+            run(s) measured no AP, which fails.
         published: a `harness.matrix.Published`; tolerances: a `harness.matrix.Tolerances`.
 
     Returns:
@@ -167,8 +169,9 @@ def judge(
     reasons: list[str] = []
     pub_ap = published.box_ap
     if ap_low is None or ap_high is None or _nan(ap_low):
-        ap: Verdict = "not run"
-        reasons.append("no box AP measured")
+        # Only finished runs are judged: one that finished without an AP did not do its job.
+        ap: Verdict = "fail"
+        reasons.append("the run finished without a box AP")
     elif pub_ap is None:
         ap = "not comparable"
         reasons.append("no published box AP")

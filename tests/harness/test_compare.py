@@ -104,6 +104,15 @@ def test_not_run_and_failed_cells(matrix: MatrixSpec, tmp_path: Path) -> None:
     assert _row(matrix, tmp_path, profile="smoke")["verdict"] == "fail"
 
 
+def test_a_finished_run_without_box_ap_fails(matrix: MatrixSpec, tmp_path: Path) -> None:
+    folder = write_run(tmp_path, R50)
+    result = json.loads((folder / "result.json").read_text())
+    del result["metrics"]["box_ap"]
+    (folder / "result.json").write_text(json.dumps(result))
+    row = _row(matrix, tmp_path)
+    assert row["verdict"] == "fail" and "without a box AP" in row["reason"]
+
+
 def test_seed_interval_matches_a_hand_computation(matrix: MatrixSpec, tmp_path: Path) -> None:
     for seed, ap in enumerate((37.3, 37.5, 37.4)):
         write_run(tmp_path, R50, seed=seed, box_ap=ap)
