@@ -174,7 +174,7 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def _is_refusal(exc: BaseException) -> bool:
     """Whether torch's weights-only unpickler refused a global (as opposed to a damaged file)."""
-    return isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error" in str(exc)
+    return isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc)
 
 
 def _unpickle_reason(exc: BaseException) -> str:
@@ -354,7 +354,8 @@ def load_backbone(model: nn.Module, path: str | Path, *, kind: BackboneKind = "a
     drop = drop_fc if kind == "torchvision" else (*drop_fc, "conv1.bias")
     prefix = "backbone." if backbone is not model else ""
     ignorable = {prefix + k for k in drop}
-    to_load, report = _match(targets, renamed, path=path, what="the ImageNet backbone", ignorable=ignorable.__contains__)
+    to_load, report = _match(targets, renamed, path=path, what="the ImageNet backbone", ignorable=ignorable.__contains__,
+                             hint=_foreign_layout_hint(list(source)))
     _assign(model, to_load)
     log.info(report.summary())
     return report
@@ -389,6 +390,7 @@ def load_detector(
     elif not finetune:
         log.warning("%s: records no class names; assuming the dataset's category order", path)
     head = ("roi_head.bbox_head.fc_cls.", "roi_head.bbox_head.fc_reg.")
+    backbone_only = "conv1.weight" in source and not any(k.startswith("backbone.") for k in source)
     to_load, report = _match(
         dict(model.state_dict()),
         source,
@@ -396,6 +398,7 @@ def load_detector(
         what=f"the detector {cfg.name}",
         ignorable=lambda _k: False,
         skippable=(lambda k: k.startswith(head)) if finetune else (lambda _k: False),
+        hint="an ImageNet backbone file, not a detector: give it as the pretrained backbone" if backbone_only else None,
     )
     _assign(model, to_load)
     report = dataclasses.replace(report, classes=file_classes)
@@ -455,6 +458,58 @@ def initialise(model: nn.Module, cfg: DetectorConfig, run: RunConfig, *, require
     return notes
 
 
+# --------------------------------------------------------------------------------------------------
+# harness verify CELL --checkpoint FILE --data ROOT
+# --------------------------------------------------------------------------------------------------
+def verify(
+    cfg: DetectorConfig,
+    *,
+    checkpoint: str | Path,
+    data_root: str | Path,
+    device: str = "cpu",
+    max_images: int | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a published checkpoint without training: build the cell's model, load the file
+    (class order checked against the dataset's), run the test pipeline (reference 1.3: resize to
+    `cfg.data.scale`, no flip, batch 1, FP32) on val2017, or on train2017 in test mode when the root
+    has no val split, and score it with pycocotools as mmdet's `CocoMetric`.
+
+    Returns:
+        The 12 COCO box stats (`detector.coco_eval.METRIC_KEYS`, fractions), `box_ap` (percentage
+        points, one decimal), `eval_split`, `images`, `checkpoint` and `classes_checked` (whether
+        the file recorded class names that were compared).
+    """
+    from detector import coco_eval, data, engine  # late: the engine imports this module
+    from detector.model import build_detector
+
+    run = RunConfig(data_root=str(data_root), device=device, eval_max_images=max_images, workers=workers)
+    dataset = data.build_dataset(cfg, run, train=False)
+    if dataset.num_classes != cfg.num_classes:
+        raise WeightsError(
+            f"{dataset.ann_file}: {dataset.num_classes} categories selected, but {cfg.name} has {cfg.num_classes} classes"
+        )
+    model = build_detector(cfg)
+    report = load_detector(model, checkpoint, cfg=cfg, classes=dataset.class_names)
+    dev = torch.device(device)
+    model.to(dev).eval()
+    loader = data.build_test_loader(dataset, workers=workers)
+    outputs, metas = engine.predict(model, loader, device=dev, progress=progress, total=len(dataset))
+    detections = coco_eval.detections_to_coco(outputs, metas, dataset.label_to_cat_id)
+    # Only the images that were run count (all of them unless max_images), as mmdet scores its whole split.
+    stats = coco_eval.evaluate(dataset.coco, detections, cat_ids=dataset.label_to_cat_id, img_ids=dataset.image_ids,
+                               source=f"detections of {checkpoint}")
+    return {
+        **stats,
+        "box_ap": round(stats["bbox_mAP"] * 100, 1),
+        "eval_split": dataset.split,
+        "images": len(dataset),
+        "checkpoint": str(checkpoint),
+        "classes_checked": report.classes is not None,
+    }
+
+
 __all__ = [
     "PRETRAINED",
     "LoadReport",
@@ -468,4 +523,5 @@ __all__ = [
     "read_checkpoint",
     "resolve_local",
     "split_checkpoint",
+    "verify",
 ]
