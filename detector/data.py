@@ -55,8 +55,11 @@ def read_json(path: Path, what: str) -> Any:
         raise DataError(f"{what} {path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
 
 
-def load_coco(ann_file: Path) -> COCO:
+def load_coco(ann_file: Path, *, drop_segmentation: bool = False) -> COCO:
     """A pycocotools `COCO` index of `ann_file`, checked for consistency, with pycocotools' prints silenced.
+
+    `drop_segmentation=True` removes the masks (most of a COCO file's size), which box training
+    and box evaluation never read; datasets do so to keep worker processes small.
 
     Raises:
         DataError (naming the file): missing / invalid JSON, missing top-level keys, duplicate image
@@ -92,6 +95,8 @@ def load_coco(ann_file: Path) -> COCO:
         if ann.get("id") in ann_ids:
             raise DataError(f"{where}: duplicate annotation id")
         ann_ids.add(ann.get("id"))
+        if drop_segmentation:
+            ann.pop("segmentation", None)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -131,7 +136,7 @@ class CocoDetection(Dataset[Item]):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         if not self.image_dir.is_dir():
             raise DataError(f"image folder {self.image_dir}: not found (annotations: {self.ann_file})")
-        self.coco = load_coco(self.ann_file)
+        self.coco = load_coco(self.ann_file, drop_segmentation=True)
         self.transform, self.train, self.seed = transform, train, seed
         self.cat_ids: list[int] = select_categories(self.coco, classes, self.ann_file)
         self.cat_id_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}

@@ -155,6 +155,7 @@ def test_coco128_with_crowd_equals_pycocotools(tmp_path: Path) -> None:
     dets.write_text(json.dumps(_noisy_detections(gt, 2)))
     ours = evaluate_files(COCO128, dets)
     np.testing.assert_array_equal([ours[k] for k in METRIC_KEYS], _pycocotools(COCO128, dets))
+    assert evaluate(load_coco(COCO128, drop_segmentation=True), json.loads(dets.read_text())) == ours
     # Crowd regions are "ignore": detecting them must not count as true or false positives.
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in gt["annotations"] if not a["iscrowd"]]
