@@ -552,9 +552,9 @@ def predict(
 
 def original_size(meta: dict[str, Any]) -> tuple[int, int]:
     """(h, w) of the image before resizing, from a `detector.data` meta dict."""
-    size = meta.get("original_size", meta.get("ori_shape"))
+    size = meta.get("orig_size", meta.get("original_size"))
     if size is None:
-        raise KeyError(f"image meta without 'original_size': keys {sorted(meta)}")
+        raise KeyError(f"image meta without 'orig_size': keys {sorted(meta)}")
     return int(size[0]), int(size[1])
 
 

@@ -38,7 +38,7 @@ def device_class(name: str) -> str:
     """A short family name to decide whether two fps values are comparable.
 
     "Tesla V100-SXM2-32GB" -> "V100", "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA H100 80GB HBM3"
-    -> "H100", "NVIDIA GeForce RTX 3090" -> "RTX3090", "NVIDIA RTX A6000" -> "A6000", "cpu" -> "cpu".
+    -> "H100", "NVIDIA GeForce RTX 3090" -> "RTX 3090", "NVIDIA RTX A6000" -> "RTX A6000", "cpu" -> "cpu".
     """
     if name.strip().lower() == "cpu":
         return "cpu"
@@ -46,8 +46,7 @@ def device_class(name: str) -> str:
     if not words:
         return name.strip() or "unknown"
     if words[0] in ("RTX", "GTX", "TITAN") and len(words) > 1:
-        # "RTX 3090" is a family; "RTX A6000" names the A6000.
-        return words[1] if re.fullmatch(r"[A-Z]+\d+\w*", words[1]) and not words[1].isdigit() else words[0] + words[1]
+        return f"{words[0]} {words[1]}"  # "RTX 3090", "RTX A6000": the first word alone says little
     return words[0]
 
 
@@ -128,7 +127,7 @@ def _synthetic_batches(image_size: tuple[int, int], count: int, seed: int = 0) -
     h, w = image_size
     image = torch.rand(3, h, w, generator=gen) * 255.0
     for i in range(count):
-        yield [image], [], [{"image_id": i, "original_size": (h, w), "scale_factor": (1.0, 1.0)}]
+        yield [image], [], [{"image_id": i, "orig_size": (h, w), "scale_factor": (1.0, 1.0)}]
 
 
 def bench(
@@ -151,7 +150,10 @@ def bench(
     """
     from detector.model import build_detector  # lazy: keeps `measure` importable on its own
 
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; allowed: 'cpu', 'cuda', 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; allowed here: 'cpu'")
     torch.manual_seed(0)

@@ -85,7 +85,7 @@ class TinySource:
             img = img.flip(-1)
             box = torch.tensor([s - box[2], box[1], s - box[0], box[3]])
         target = {"boxes": box[None], "labels": torch.tensor([self.labels[index]])}
-        return img, target, {"image_id": index, "original_size": (s, s), "scale_factor": (1.0, 1.0)}
+        return img, target, {"image_id": index, "orig_size": (s, s), "scale_factor": (1.0, 1.0)}
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[list, list, list]]:
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
