@@ -103,7 +103,9 @@ def plot_loss_curves(curves: pd.DataFrame, path: Path) -> Path:
     groups = list(curves.sort_values(["name", "seed", "iter"]).groupby(["name", "seed"], sort=False))
     for (name, seed), g in groups:
         label = name if seed == 0 else f"{name} (seed {seed})"
-        ax.plot(g["iter"], g["loss"], linewidth=1, label=label if len(groups) <= 12 else None)
+        # Markers when a run logged few points (a smoke run may log one), else a line alone is invisible.
+        ax.plot(g["iter"], g["loss"], linewidth=1, marker="o" if len(g) < 20 else None, markersize=3,
+                label=label if len(groups) <= 12 else None)
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss (sum of the four terms)")
     ax.set_title(f"Training loss, {len(groups)} run(s)")
