@@ -122,7 +122,7 @@ def _write_split(out: Path, split: str, *, count: int, id_step: int, seed: int, 
         w, h = size if i % 4 != 3 else (size[1], size[0])
         pixels, objects = _draw_image(rng, w, h)
         file_name = f"{image_id:012d}.jpg"
-        img = Image.fromarray(pixels, mode="RGB")
+        img = Image.fromarray(pixels)  # uint8 [h, w, 3] -> RGB
         if i % 10 == 9:
             img = img.convert("L")
         img.save(img_dir / file_name, format="JPEG", quality=_JPEG_QUALITY)
