@@ -79,29 +79,25 @@ class PretrainedFile:
 
 _TV = "https://download.pytorch.org/models/"
 _OMM = "https://download.openmmlab.com/pretrain/third_party/"
-PRETRAINED: dict[str, PretrainedFile] = {
-    p.name: p
-    for p in (
-        # The 2020-era docs name resnet50-19c8e357 / resnet101-5d3b4d8f: the same IMAGENET1K_V1 weights (Q9).
-        PretrainedFile(name="torchvision://resnet50", file="resnet50-0676ba61.pth", url=_TV + "resnet50-0676ba61.pth",
-                       kind="torchvision", alternates=("resnet50-19c8e357.pth",)),
-        PretrainedFile(name="torchvision://resnet101", file="resnet101-63fe2227.pth", url=_TV + "resnet101-63fe2227.pth",
-                       kind="torchvision", alternates=("resnet101-5d3b4d8f.pth",)),
-        # TNR: faster-rcnn_r50-tnr-pre_fpn_1x_coco.py names the URL itself (IMAGENET1K_V2, reference 1.5).
-        PretrainedFile(name="torchvision://resnet50_v2", file="resnet50-11ad3fa6.pth", url=_TV + "resnet50-11ad3fa6.pth",
-                       kind="torchvision"),
-        PretrainedFile(name="open-mmlab://detectron2/resnet50_caffe", file="resnet50_msra-5891d200.pth",
-                       url=_OMM + "resnet50_msra-5891d200.pth", kind="mmcv"),
-        PretrainedFile(name="open-mmlab://detectron2/resnet101_caffe", file="resnet101_msra-6cc46731.pth",
-                       url=_OMM + "resnet101_msra-6cc46731.pth", kind="mmcv"),
-        PretrainedFile(name="open-mmlab://detectron2/resnext101_32x8d", file="resnext101_32x8d-1516f1aa.pth",
-                       url=_OMM + "resnext101_32x8d-1516f1aa.pth", kind="mmcv"),
-        PretrainedFile(name="open-mmlab://resnext101_32x4d", file="resnext101_32x4d-a5af3160.pth",
-                       url=_OMM + "resnext101_32x4d-a5af3160.pth", kind="mmcv"),
-        PretrainedFile(name="open-mmlab://resnext101_64x4d", file="resnext101_64x4d-ee2c6f71.pth",
-                       url=_OMM + "resnext101_64x4d-ee2c6f71.pth", kind="mmcv"),
-    )
-}
+
+
+def _entry(name: str, base: str, file: str, *alternates: str) -> tuple[str, PretrainedFile]:
+    kind: BackboneKind = "torchvision" if base == _TV else "mmcv"
+    return name, PretrainedFile(name=name, file=file, url=base + file, kind=kind, alternates=alternates)
+
+
+PRETRAINED: dict[str, PretrainedFile] = dict((
+    # The 2020-era docs name resnet50-19c8e357 / resnet101-5d3b4d8f: the same IMAGENET1K_V1 weights (Q9).
+    _entry("torchvision://resnet50", _TV, "resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+    _entry("torchvision://resnet101", _TV, "resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth"),
+    # TNR: faster-rcnn_r50-tnr-pre_fpn_1x_coco.py names this URL itself (IMAGENET1K_V2, reference 1.5).
+    _entry("torchvision://resnet50_v2", _TV, "resnet50-11ad3fa6.pth"),
+    _entry("open-mmlab://detectron2/resnet50_caffe", _OMM, "resnet50_msra-5891d200.pth"),
+    _entry("open-mmlab://detectron2/resnet101_caffe", _OMM, "resnet101_msra-6cc46731.pth"),
+    _entry("open-mmlab://detectron2/resnext101_32x8d", _OMM, "resnext101_32x8d-1516f1aa.pth"),
+    _entry("open-mmlab://resnext101_32x4d", _OMM, "resnext101_32x4d-a5af3160.pth"),
+    _entry("open-mmlab://resnext101_64x4d", _OMM, "resnext101_64x4d-ee2c6f71.pth"),
+))
 
 
 def pretrained_file(name: str) -> PretrainedFile:
@@ -185,27 +181,16 @@ def _unpickle_reason(exc: BaseException) -> str:
 
 
 def split_checkpoint(obj: Any, path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict without `module.` prefixes, meta) of an mmdet / mmcv / torchvision / own file.
-
-    Accepted: `{"state_dict": ..., "meta": ...}` (mmcv, mmengine), `{"model": ..., "iteration": ...}`
-    (our own `detector.checkpoint` training files) and a bare state dict.
-    """
+    """(tensors without `module.` prefixes, meta) of a `{"state_dict", "meta"}` file (mmcv,
+    mmengine), a `{"model": ...}` file (ours, `detector.checkpoint`) or a bare state dict."""
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    if isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-    elif isinstance(obj.get("model"), dict) and "iteration" in obj:
-        sd = obj["model"]
-    else:
-        sd = obj
-    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    meta = obj["meta"] if isinstance(obj.get("meta"), dict) else {}
+    sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    tensors = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if isinstance(v, Tensor)}
     if not tensors:
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:_SHOWN]))})")
-    others = sorted(str(k) for k in sd if k not in tensors)
-    if others and sd is obj and not set(others) <= {"meta"}:
-        raise WeightsError(f"{path}: mixes tensors with other entries ({', '.join(others[:_SHOWN])})")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in tensors.items()}, dict(meta)
+    return tensors, dict(meta)
 
 
 def checkpoint_classes(meta: dict[str, Any]) -> tuple[str, ...] | None:
@@ -380,7 +365,11 @@ def load_detector(
             finetunes, reference 1.5): `roi_head.bbox_head.fc_cls` / `fc_reg` whose shapes differ are
             skipped and keep their fresh init, as mmcv's non-strict load does; no class check.
     """
-    obj = read_checkpoint(path)
+    return _load_detector(model, read_checkpoint(path), path, cfg=cfg, classes=classes, finetune=finetune)
+
+
+def _load_detector(model: nn.Module, obj: Any, path: str | Path, *, cfg: DetectorConfig,
+                   classes: Sequence[str] | None, finetune: bool) -> LoadReport:
     source, meta = split_checkpoint(obj, path)
     file_classes = checkpoint_classes(meta)
     if _is_mmdet_v1(list(source)):
@@ -490,8 +479,12 @@ def verify(
         raise WeightsError(
             f"{dataset.ann_file}: {dataset.num_classes} categories selected, but {cfg.name} has {cfg.num_classes} classes"
         )
+    obj = read_checkpoint(checkpoint)
+    file_classes = checkpoint_classes(split_checkpoint(obj, checkpoint)[1])
+    if file_classes is not None:  # fail before building the model
+        _check_classes(checkpoint, file_classes, cfg.num_classes, dataset.class_names)
     model = build_detector(cfg)
-    report = load_detector(model, checkpoint, cfg=cfg, classes=dataset.class_names)
+    report = _load_detector(model, obj, checkpoint, cfg=cfg, classes=dataset.class_names, finetune=False)
     dev = torch.device(device)
     model.to(dev).eval()
     loader = data.build_test_loader(dataset, workers=workers)
