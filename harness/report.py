@@ -82,6 +82,15 @@ def write_report(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path
     return readme
 
 
+def report_is_current(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path | None = None) -> bool:
+    """Whether the README in `out_dir` is exactly what `write_report` would write now (a CI staleness check)."""
+    readme = (Path(out_dir) if out_dir is not None else report_dir(matrix)) / "README.md"
+    if not readme.is_file():
+        return False
+    runs = collect(matrix, profile, Path(runs_dir))
+    return readme.read_text(encoding="utf-8") == render_report(matrix, profile, runs, compare_frame(runs, matrix, profile))
+
+
 def render_report(matrix: MatrixSpec, profile: str, runs: pd.DataFrame, compared: pd.DataFrame) -> str:
     """The measured page (markdown) from a `collect()` frame and its `compare_frame()`."""
     prof = matrix.profile(profile)
@@ -293,29 +302,15 @@ def _dataset_text(runs: pd.DataFrame, prof: Profile) -> str:
     return "; ".join(parts)
 
 
-def _measurement(matrix: MatrixSpec, prof: Profile | None) -> list[tuple[str, str]]:
+def _measurement(matrix: MatrixSpec, prof: Profile | None) -> dict[str, Any]:
+    """Numbers the "How these numbers were measured" section of the template quotes."""
     tol = matrix.tolerances
-    items = [
-        ("box AP", "COCO bbox AP@[.5:.95] computed by pycocotools, in percentage points with one decimal."),
-        ("Mem (GB)", "peak `torch.cuda.max_memory_allocated` over the whole training, never reset, the maximum over "
-                     "ranks, MB / 1024 with one decimal (MMDetection v2's semantics, reference §2.1). On CPU the "
-                     f"peak resident set size is shown instead, marked {MEM_MARK}, and never compared."),
-        ("Inf time (fps)", "batch 1, 5 warm-up images, then images / second over the timed images, each timing the "
-                           "model call (host-to-device transfer, forward, post-processing) between device "
-                           "synchronisations; data loading excluded (reference §2.2). fps depends on the hardware: it "
-                           f"is compared only on a {PUBLISHED_DEVICE_CLASS}, else marked {FPS_MARK} (reference Q7)."),
-        ("Verdicts", f"box AP |Δ| ≤ {tol.box_ap_pass} pass, ≤ {tol.box_ap_warn} warn, beyond fail; Mem within "
-                     f"{tol.mem_rel:.0%} of the published value else fail; fps within {FPS_REL:.0%} else warn (fps is "
-                     "indicative only). A crashed or diverged run fails. Runs of a toy-scale profile (smoke, ci), or "
-                     "evaluated on the train split, are \"not comparable\" with the published COCO val2017 numbers."),
-        ("Seeds", "with K seeds the mean, sample std and 95% Student-t interval of the mean are shown; the cell passes "
-                  "if the whole interval lies inside the pass band around the published value, fails if it lies "
-                  "entirely outside the warn band, and warns otherwise. The published numbers are single runs."),
-    ]
-    if prof is not None and (prof.max_iters is not None or prof.image_scale is not None):
-        items.append(("This profile", f"`{prof.name}` shortens the recipe ({_profile_text(prof)}): its numbers "
-                                      "prove that every cell builds, trains, evaluates and benchmarks, nothing more."))
-    return items
+    short = prof is not None and (prof.max_iters is not None or prof.image_scale is not None)
+    return {
+        "ap_pass": tol.box_ap_pass, "ap_warn": tol.box_ap_warn, "mem_rel": f"{tol.mem_rel:.0%}",
+        "fps_rel": f"{FPS_REL:.0%}", "device_class": PUBLISHED_DEVICE_CLASS, "fps_mark": FPS_MARK,
+        "mem_mark": MEM_MARK, "short_profile": _profile_text(prof) if short and prof else "",
+    }
 
 
 def _quirks(matrix: MatrixSpec, runs: pd.DataFrame | None) -> list[dict[str, Any]]:
@@ -404,6 +399,7 @@ __all__ = [
     "render_published_page",
     "render_report",
     "report_dir",
+    "report_is_current",
     "write_published_report",
     "write_report",
 ]

@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from harness.matrix import MatrixSpec, load_matrix
-from harness.report import DELTA_COLUMN, VERDICT_COLUMN, markdown_table, render_published_page, write_published_report, write_report
+from harness.report import (
+    DELTA_COLUMN,
+    VERDICT_COLUMN,
+    markdown_table,
+    render_published_page,
+    report_is_current,
+    write_published_report,
+    write_report,
+)
 from tests.resources.fake_runs import R50, write_run, write_synthetic_root
 
 SEED = Path(__file__).resolve().parents[1] / "resources" / "faster_rcnn_README.md"  # copy of shared/seed/
@@ -152,10 +160,14 @@ def test_measured_page_files(matrix: MatrixSpec, measured: tuple[Path, str]) -> 
     assert {m["Name"] for m in meta["Models"]} == {R50, "faster-rcnn_r101-caffe_fpn_ms-3x_coco"}
 
 
-def test_report_is_deterministic(matrix: MatrixSpec, measured: tuple[Path, str], tmp_path: Path) -> None:
+def test_report_is_deterministic_and_staleness_is_detected(matrix: MatrixSpec, measured: tuple[Path, str], tmp_path: Path) -> None:
     out, text = measured
     again = write_report(matrix, "smoke", tmp_path / "runs", out)
     assert again.read_text(encoding="utf-8") == text
+    assert report_is_current(matrix, "smoke", tmp_path / "runs", out)
+    write_run(tmp_path / "runs", "faster-rcnn_r50_fpn_2x_coco", profile="smoke", box_ap=0.1)  # a new result
+    assert not report_is_current(matrix, "smoke", tmp_path / "runs", out)
+    assert not report_is_current(matrix, "smoke", tmp_path / "runs", tmp_path / "nowhere")
 
 
 def test_markdown_table_escapes_pipes() -> None:
