@@ -17,7 +17,7 @@ import pandas as pd
 
 from harness.collect import collect
 from harness.matrix import MatrixSpec
-from harness.verdicts import PUBLISHED_DEVICE_CLASS, VERDICTS, interval95, judge, profile_reason
+from harness.verdicts import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS, VERDICTS, interval95, judge, profile_reason
 
 COMPARE_COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "status", "n_seeds", "n_failed",
@@ -69,8 +69,8 @@ def format_comparison(df: pd.DataFrame) -> str:
             _ap_text(r.box_ap, r.box_ap_std, r.n_seeds),
             _num(r.published_box_ap),
             _signed(r.delta_box_ap),
-            f"{_num(r.mem_gb)}/{_num(r.published_mem_gb)}",
-            f"{_num(r.fps)}/{_num(r.published_fps)}",
+            f"{_num(r.mem_gb)}{'‡' if _finite(r.mem_gb) and r.mem_kind != COMPARABLE_MEM_KIND else ''}/{_num(r.published_mem_gb)}",
+            f"{_num(r.fps)}{'†' if _finite(r.fps) and r.device_class != PUBLISHED_DEVICE_CLASS else ''}/{_num(r.published_fps)}",
             r.verdict,
             _clip(r.reason, 70),
         ))
@@ -79,6 +79,7 @@ def format_comparison(df: pd.DataFrame) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     counts = summary_counts(df)
     text.append("")
+    text.append(f"measured/published; ‡ CPU peak RSS and † fps off {PUBLISHED_DEVICE_CLASS}: not comparable")
     text.append(f"{len(df)} cells: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return "\n".join(text)
 
