@@ -91,12 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p = sub.add_parser("reproduce", help="run, then report, then print the comparison summary")
     _add_run_flags(p)
+    p.add_argument("--reports-dir", metavar="DIR", help="where the page goes (default: <repo>/reports/<matrix>)")
 
     for name, what in (("report", "write the results page"), ("compare", "measured vs published, with verdicts")):
         p = sub.add_parser(name, help=what)
         p.add_argument("matrix", metavar="MATRIX")
         p.add_argument("--profile", default="smoke")
         p.add_argument("--runs-dir", metavar="DIR")
+        if name == "report":
+            p.add_argument("--reports-dir", metavar="DIR", help="where the page goes (default: <repo>/reports/<matrix>)")
         if name == "compare":
             p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -218,7 +221,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     summary, matrix = execute_run(args, log=_log)
     runs_dir = runs_dir_of(args)
-    page = write_report(matrix, args.profile, runs_dir)
+    page = write_report(matrix, args.profile, runs_dir, _out_dir(args))
     df = compare(matrix, args.profile, runs_dir)
     counts = ", ".join(f"{n} {s}" for s in ("ok", "failed", "skipped") if (n := summary.count(s)) or s != "skipped")
     verdicts = ", ".join(f"{n} {v}" for v, n in summary_counts(df).items() if n)
@@ -235,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
-    print(write_report(matrix, args.profile, runs_dir_of(args)))
+    print(write_report(matrix, args.profile, runs_dir_of(args), _out_dir(args)))
     return OK
 
 
@@ -356,6 +359,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
+
+
+def _out_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.reports_dir).resolve() if getattr(args, "reports_dir", None) else None
 
 
 def _log(line: str) -> None:

@@ -275,3 +275,24 @@ def test_cell_lock_excludes_a_second_holder(tmp_path: Path) -> None:
     one.release()
     assert two.acquire()
     two.release()
+
+
+def test_real_detector_run_failure_is_recorded_and_others_go_on(tmp_path: Path, fake_cell: Path) -> None:
+    """The real `python -m detector.run` on a spec with a bad data root fails; the next cell still runs."""
+    from detector.config import DetectorConfig, RunConfig
+
+    from harness.executors import cell_argv
+
+    bad = runs.CellJob(
+        name="bad-data", matrix="m", profile="smoke", seed=0, folder=runs.cell_dir(tmp_path, "m", "smoke", "bad-data", 0),
+        spec={"config": DetectorConfig().to_dict(), "run": RunConfig(data_root=str(tmp_path / "no_coco_here"), workers=0).to_dict()},
+        axes={},
+    )  # fmt: skip
+    good = _job(tmp_path, "good")
+    summary = runs.run_jobs(
+        [bad, good], executor=LocalExecutor(), base_provenance={}, log=lambda s: None,
+        argv=lambda folder: cell_argv(folder) if folder.name == "bad-data" else (sys.executable, str(fake_cell), str(folder)),
+    )  # fmt: skip
+    assert summary.statuses == {"bad-data": "failed", "good": "ok"}
+    error = json.loads((bad.folder / "result.json").read_text())["error"]
+    assert "no_coco_here" in error and "Traceback" not in error.splitlines()[0]

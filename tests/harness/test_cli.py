@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import COMMANDS, main
+
+COCO128 = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128"
+R50 = "faster-rcnn_r50_fpn_1x_coco"
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run `argv`; it must fail as a user error: exit 2, one stderr line, no traceback."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("harness: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["list", "no_such_matrix"], "no_such_matrix"),
+        (["list", "faster_rcnn", "--format", "xml"], "--format"),
+        (["list", "faster_rcnn", "--profile", "nightly"], "nightly"),
+        (["run", "faster_rcnn", "--only", "faster-rcnn_r52_fpn_1x_coco"], "faster-rcnn_r52_fpn_1x_coco"),
+        (["run", "faster_rcnn", "--jobs", "0"], "--jobs"),
+        (["run", "faster_rcnn", "--jobs", "two"], "--jobs"),
+        (["run", "faster_rcnn", "--seeds", "-1"], "--seeds"),
+        (["run", "faster_rcnn", "--device", "tpu"], "--device"),
+        (["run", "faster_rcnn", "--executor", "ray"], "--executor"),
+        (["run", "faster_rcnn", "--profile", "nightly"], "nightly"),
+        (["run", "faster_rcnn", "--profile", "full"], "--data"),
+        (["run", "faster_rcnn", "--pretrained", "resnet50.pth"], "NAME=FILE"),
+        (["describe", "faster-rcnn_r18_fpn_1x_coco"], "faster-rcnn_r18_fpn_1x_coco"),
+        (["eval", "--ann", "missing_gt.json", "--dets", "missing_dets.json"], "missing_gt.json"),
+        (["verify", R50, "--checkpoint", "nope.pth", "--data", str(COCO128)], "nope.pth"),
+        (["data"], "ACTION"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], expected: str) -> None:
+    argv = [*args, "--runs-dir", str(tmp_path)] if args[0] == "run" else args
+    assert expected in _error_line(capsys, argv)
+    assert not any(tmp_path.iterdir())  # nothing was written before the error
+
+
+def test_malformed_yaml_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("title: x\naxes: [r50, {\n")
+    assert "broken.yaml" in _error_line(capsys, ["list", str(bad)])
+
+
+def test_data_root_must_be_a_coco_root(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    line = _error_line(capsys, ["run", "faster_rcnn", "--data", str(root), "--runs-dir", str(tmp_path / "runs")])
+    assert "annotations/instances_train2017.json" in line and "train2017/" in line
+    line = _error_line(capsys, ["run", "faster_rcnn", "--data", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path / "runs")])
+    assert "nowhere" in line
+
+
+def test_bad_annotation_file_is_a_user_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ann = tmp_path / "ann.json"
+    ann.write_text("{not json")
+    assert "ann.json" in _error_line(capsys, ["data", "subset", "--ann", str(ann), "--out", str(tmp_path / "o.json")])
+
+
+def test_no_traceback_through_python_m_harness(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "faster_rcnn", "--only", "nope", "--runs-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("harness: error: ") and "Traceback" not in proc.stderr
+
+
+def test_commands_cover_the_design() -> None:
+    assert set(COMMANDS) >= {"list", "describe", "run", "report", "compare", "reproduce", "eval", "verify", "bench", "data"}
+
+
+def test_list_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "faster_rcnn"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("faster-rcnn_") for line in out.splitlines()) == 30
+    assert "30 cells in faster_rcnn" in out
+    assert main(["list", "faster_rcnn", "--format", "json"]) == 0
+    cells = json.loads(capsys.readouterr().out)
+    assert len(cells) == 30 and len({c["name"] for c in cells}) == 30
+    for cell in cells:
+        assert set(cell) >= {"name", "section", "axes", "published", "aliases"}
+        assert set(cell["published"]) == {"box_ap", "mem_gb", "fps"}
+    r50 = next(c for c in cells if c["name"] == R50)
+    assert r50["published"] == {"box_ap": 37.4, "mem_gb": 4.0, "fps": 21.4} and r50["section"] == "main"
+    assert "faster_rcnn_r50_fpn_1x_coco" in r50["aliases"]
+    assert main(["list", "faster_rcnn", "--profile", "ci", "--format", "json"]) == 0
+    assert 0 < len(json.loads(capsys.readouterr().out)) < 30
+
+
+def test_describe_by_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["describe", "faster_rcnn_r50_fpn_1x_coco", "--format", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == R50
+    assert info["params_total"] > info["params_trainable"] > 1_000_000  # frozen stem + BN stats
+    assert info["config"]["backbone"]["depth"] == 50 and info["axes"]["neck"] == "fpn"
+    assert main(["describe", R50]) == 0
+    assert "params_total: " in capsys.readouterr().out
+
+
+def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    root = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(root), "--images", "2", "--seed", "1"]) == 0
+    ann = root / "annotations" / "instances_train2017.json"
+    gt = json.loads(ann.read_text())
+    assert len(gt["images"]) == 2
+    sub = tmp_path / "sub.json"
+    assert main(["data", "subset", "--ann", str(ann), "--out", str(sub), "--max-images", "1"]) == 0
+    assert len(json.loads(sub.read_text())["images"]) == 1
+    # Detections equal to the ground truth score AP 1.0 with pycocotools.
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in gt["annotations"]]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    capsys.readouterr()
+    assert main(["eval", "--ann", str(ann), "--dets", str(tmp_path / "dets.json"), "--format", "json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"} <= set(stats)
+    assert len(stats) == 12 and stats["bbox_mAP"] == pytest.approx(1.0)
+
+
+TINY = """\
+title: tiny
+axes:
+  backbone: [r50]
+profiles:
+  tiny:
+    extends: smoke
+    max_iters: 1
+    image_scale: [96, 64]
+    eval_max_images: 1
+    bench_images: 0
+    synth_images: 2
+"""
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    matrix = tmp_path / "tiny.yaml"
+    matrix.write_text(TINY)
+    return [str(matrix), "--profile", "tiny", "--runs-dir", str(tmp_path / "runs")]
+
+
+def _harness(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_reproduce_one_real_cell_then_the_ledger_skips_it(tmp_path: Path) -> None:
+    """End to end with the real detector.run: run + report + compare, then a cached re-run."""
+    base = _tiny(tmp_path)
+    proc = _harness("reproduce", *base, "--reports-dir", str(tmp_path / "page"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 ok, 0 failed" in proc.stdout and "page: " in proc.stdout and "verdicts: " in proc.stdout
+    assert "start   " + R50 in proc.stderr and f"ok      {R50}: " in proc.stderr
+    cell = tmp_path / "runs" / "tiny" / "tiny" / R50
+    result = json.loads((cell / "result.json").read_text())
+    assert result["status"] == "ok" and result["metrics"]["iters"] == 1 and result["provenance"]["resumed_from_iter"] == 0
+    assert result["metrics"]["eval_split"] == "val2017" and (tmp_path / "page" / "README.md").is_file()
+    assert (tmp_path / "runs" / "_data" / "synthetic-2-s0" / "annotations" / "instances_train2017.json").is_file()
+
+    again = _harness("run", *base)
+    assert again.returncode == 0 and f"done    {R50}" in again.stderr and "start   " not in again.stderr
+    assert json.loads((cell / "result.json").read_text()) == result
+
+
+@pytest.mark.slow
+def test_run_one_real_cell_through_submitit(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    base = _tiny(tmp_path)
+    proc = _harness("run", *base, "--executor", "submitit")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "result.json").read_text())
+    assert result["status"] == "ok" and result["metrics"]["iters"] == 1
+    assert any((tmp_path / "runs" / "_submitit" / "tiny" / "tiny").iterdir())  # submitit's own job files
