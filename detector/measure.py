@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from detector.config import DetectorConfig
-from detector.engine import Amp, Batch, all_reduce, original_size, resolve_amp, unwrap
+from detector.engine import Batch, all_reduce, original_size, unwrap
+from detector.solver import Amp, resolve_amp
 
 # Marketing words that precede the GPU family in `torch.cuda.get_device_name`.
 _VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE", "QUADRO", "AMD", "INSTINCT", "RADEON", "PRO"}

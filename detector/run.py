@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from detector import checkpoint as ckpt
-from detector import engine, measure
+from detector import engine, measure, solver
 from detector.config import ConfigError, DetectorConfig, RunConfig
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
@@ -82,13 +82,17 @@ class LoaderSource:
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, seed: int) -> None:
-        self.loader, self.seed = loader, seed
+        from detector.data import AspectRatioBatchSampler
+
+        if not isinstance(loader.batch_sampler, AspectRatioBatchSampler):
+            raise TypeError("LoaderSource needs a loader from detector.data.build_train_loader")
+        self.loader, self.sampler, self.seed = loader, loader.batch_sampler, seed
 
     def __len__(self) -> int:
-        return len(self.loader.batch_sampler)
+        return len(self.sampler)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[engine.Batch]:
-        self.loader.batch_sampler.set_epoch(epoch, start)
+        self.sampler.set_epoch(epoch, start)
         self.loader.generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return iter(self.loader)
 
@@ -157,22 +161,22 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
                                   pin_memory=device.type == "cuda")  # fmt: skip
     source = LoaderSource(loader, run.seed)
     total_batch = world * run.images_per_gpu
-    schedule, schedule_devs = engine.make_schedule(cfg.schedule, iters_per_epoch=len(source), total_batch=total_batch,
+    schedule, schedule_devs = solver.make_schedule(cfg.schedule, iters_per_epoch=len(source), total_batch=total_batch,
                                                    max_iters=run.max_iters, warmup_iters=run.warmup_iters)  # fmt: skip
     deviations += schedule_devs
     if total_batch != REFERENCE_GPUS * REFERENCE_IMAGES_PER_GPU or world != REFERENCE_GPUS:
         deviations.append(f"{world} process(es) x {run.images_per_gpu} images = total batch {total_batch} instead of "
                           f"{REFERENCE_GPUS} GPUs x {REFERENCE_IMAGES_PER_GPU} = 16; lr {schedule.base_lr:g} -> "
                           f"{schedule.lr:g} (linear scaling)")  # fmt: skip
-    amp = engine.resolve_amp(cfg.precision, device)
+    amp = solver.resolve_amp(cfg.precision, device)
     if amp.deviation:
         deviations.append(amp.deviation)
 
-    ddp = model
+    ddp: torch.nn.Module = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = engine.build_optimizer(model, cfg.schedule, lr=schedule.lr)
-    scaler = engine.make_scaler(amp, cfg.loss_scale)
+    optimizer = solver.build_optimizer(model, cfg.schedule, lr=schedule.lr)
+    scaler = solver.make_scaler(amp, cfg.loss_scale)
     resume = None
     latest = ckpt.latest_checkpoint(cell_dir / "checkpoints")
     if latest is not None:
@@ -232,7 +236,8 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     if world > 1:
         dist.barrier()
 
-    box_ap = round(coco["bbox_mAP"] * 100, 1) if coco.get("bbox_mAP") is not None else None
+    map_ = coco.get("bbox_mAP")
+    box_ap = round(map_ * 100, 1) if map_ is not None else None  # the README's "box AP" (reference 1.3)
     return {
         "status": "ok", "error": None, "coco": coco, "box_ap": box_ap,
         "mem_gb": mem_gb, "mem_kind": mem_kind,

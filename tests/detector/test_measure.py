@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from detector import engine, measure
+from detector import measure, solver
 from detector.config import ProposalConfig
 from detector.recipes import resolve
 from tests.detector.fakes_engine import TinyDetector, TinySource
@@ -50,7 +50,7 @@ def test_measure_fps_times_images_after_warmup_and_restores_mode() -> None:
 
 
 def test_measure_fps_under_bf16_autocast() -> None:
-    amp = engine.resolve_amp("bf16", CPU)
+    amp = solver.resolve_amp("bf16", CPU)
     result = measure.measure_fps(TinyDetector(), TinySource().eval_batches(), device=CPU, images=2, warmup=1, amp=amp)
     assert result["precision"] == "bf16" and result["images"] == 2
 
