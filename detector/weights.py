@@ -380,14 +380,18 @@ def _load_detector(model: nn.Module, obj: Any, path: str | Path, *, cfg: Detecto
         log.warning("%s: records no class names; assuming the dataset's category order", path)
     head = ("roi_head.bbox_head.fc_cls.", "roi_head.bbox_head.fc_reg.")
     backbone_only = "conv1.weight" in source and not any(k.startswith("backbone.") for k in source)
+    targets = dict(model.state_dict())
+    kinds = _detector_kind(list(source)), _detector_kind(list(targets))
+    hint = "an ImageNet backbone file, not a detector: give it as the pretrained backbone" if backbone_only else (
+        f"the file's layout is {kinds[0]}, the model's is {kinds[1]}" if kinds[0] != kinds[1] else None)
     to_load, report = _match(
-        dict(model.state_dict()),
+        targets,
         source,
         path=path,
         what=f"the detector {cfg.name}",
         ignorable=lambda _k: False,
         skippable=(lambda k: k.startswith(head)) if finetune else (lambda _k: False),
-        hint="an ImageNet backbone file, not a detector: give it as the pretrained backbone" if backbone_only else None,
+        hint=hint,
     )
     _assign(model, to_load)
     report = dataclasses.replace(report, classes=file_classes)
@@ -395,6 +399,13 @@ def _load_detector(model: nn.Module, obj: Any, path: str | Path, *, cfg: Detecto
         log.warning("%s: shapes differ, re-initialised as mmdet load_from does: %s", path, ", ".join(report.skipped))
     log.info(report.summary())
     return report
+
+
+def _detector_kind(keys: Sequence[str]) -> str:
+    """FPN (a neck), C4 (a shared res5 head) or DC5 (neither), from the key names alone."""
+    if any(k.startswith("neck.") for k in keys):
+        return "FPN"
+    return "C4" if any(k.startswith("roi_head.shared_head.") for k in keys) else "DC5"
 
 
 def _check_classes(path: str | Path, file_classes: tuple[str, ...], num_classes: int, classes: Sequence[str] | None) -> None:

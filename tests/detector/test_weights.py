@@ -293,6 +293,14 @@ def test_unfitting_file_lists_missing_unexpected_and_shapes(fpn_model: torch.nn.
     assert "shape mismatches (2)" in text and "roi_head.bbox_head.fc_cls.weight: file [91, 1024] vs model [81, 1024]" in text
 
 
+def test_architecture_mismatch_is_named(c4_model: torch.nn.Module, c4_cfg: DetectorConfig, tmp_path: Path) -> None:
+    path = save({"state_dict": fill(faster_rcnn_fpn_layout(), zeros=True)}, tmp_path / "fpn.pth")
+    with pytest.raises(WeightsError, match=r"(?s)missing from the file \(50\): roi_head.shared_head.layer4.0.conv1.weight.*"
+                                           r"rpn_head.rpn_conv.weight: file \[256, 256, 3, 3\] vs model \[1024, 1024, 3, 3\]"
+                                           r".*hint: the file's layout is FPN, the model's is C4"):
+        load_detector(c4_model, path, cfg=c4_cfg)
+
+
 def test_many_missing_keys_are_counted_and_truncated(fpn_model: torch.nn.Module, tmp_path: Path) -> None:
     source = fill(resnet_layout(), seed=7)  # an ImageNet backbone given as a detector checkpoint
     path = save(source, tmp_path / "resnet50.pth")
