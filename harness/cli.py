@@ -23,6 +23,7 @@ from harness.errors import UserError
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 DEFAULT_MATRIX = "faster_rcnn"
+REPORTS_HELP = "where the page goes (default: <repo>/reports/<matrix>)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +57,8 @@ def _non_negative(text: str) -> int:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("matrix", metavar="MATRIX", help="a name under matrices/ (faster_rcnn) or a YAML path")
     p.add_argument("--profile", default="smoke", help="smoke (default), ci, full, or one the matrix declares")
-    p.add_argument("--only", nargs="+", action="extend", default=[], metavar="GLOB", help="cell names, aliases or globs")
+    p.add_argument("--only", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="cell names, aliases or globs")  # fmt: skip
     p.add_argument("--data", metavar="ROOT", help="a COCO-2017 root replacing the profile's dataset")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--executor", choices=("local", "submitit"), default="local")
@@ -73,7 +75,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="harness", description="Run the Faster R-CNN matrix, compare it with the published table, publish the page.")
+    parser = _Parser(prog="harness", description="Run the Faster R-CNN matrix, compare it with the published table.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p = sub.add_parser("reproduce", help="run, then report, then print the comparison summary")
     _add_run_flags(p)
-    p.add_argument("--reports-dir", metavar="DIR", help="where the page goes (default: <repo>/reports/<matrix>)")
+    p.add_argument("--reports-dir", metavar="DIR", help=REPORTS_HELP)
 
     for name, what in (("report", "write the results page"), ("compare", "measured vs published, with verdicts")):
         p = sub.add_parser(name, help=what)
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="smoke")
         p.add_argument("--runs-dir", metavar="DIR")
         if name == "report":
-            p.add_argument("--reports-dir", metavar="DIR", help="where the page goes (default: <repo>/reports/<matrix>)")
+            p.add_argument("--reports-dir", metavar="DIR", help=REPORTS_HELP)
         if name == "compare":
             p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -148,7 +150,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     matrix = load_matrix(args.matrix)
     cells = matrix.cells_for(args.profile) if args.profile else list(matrix.cells)
-    records = [
+    records: list[dict[str, Any]] = [
         {
             "name": c.name,
             "section": c.section,
@@ -162,9 +164,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2))
         return OK
     rows = [("cell", "section", "box AP", "Mem (GB)", "fps", "alias")]
-    for r in records:
-        pub = r["published"]
-        rows.append((r["name"], r["section"], _num(pub["box_ap"]), _num(pub["mem_gb"]), _num(pub["fps"]), (r["aliases"] or [""])[0]))
+    for c in cells:
+        pub = c.published
+        rows.append((c.name, c.section, _num(pub.box_ap), _num(pub.mem_gb), _num(pub.fps), (c.aliases or ("",))[0]))
     print(_table(rows))
     print(f"\n{len(records)} cells in {matrix.name}" + (f", profile {args.profile}" if args.profile else ""))
     return OK
@@ -225,7 +227,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     df = compare(matrix, args.profile, runs_dir)
     counts = ", ".join(f"{n} {s}" for s in ("ok", "failed", "skipped") if (n := summary.count(s)) or s != "skipped")
     verdicts = ", ".join(f"{n} {v}" for v, n in summary_counts(df).items() if n)
-    print(f"{matrix.name} / {args.profile}: {len(summary.statuses)} runs: {counts}" + (f" ({len(summary.cached)} finished before)" if summary.cached else ""))
+    before = f" ({len(summary.cached)} finished before)" if summary.cached else ""
+    print(f"{matrix.name} / {args.profile}: {len(summary.statuses)} runs: {counts}{before}")
     print(f"verdicts: {verdicts or 'none'}")
     print(f"page: {page}")
     return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
@@ -278,7 +281,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _cell, cfg = _resolved(args.matrix, args.cell)
     root = check_coco_root(Path(args.data), "--data")
     checkpoint = _existing(args.checkpoint, "--checkpoint")
-    result = verify(cfg, checkpoint=checkpoint, data_root=root, device=args.device or default_device(), max_images=args.max_images)
+    device = args.device or default_device()
+    result = verify(cfg, checkpoint=checkpoint, data_root=root, device=device, max_images=args.max_images)
     _print_mapping(_jsonable(result), args.format)
     return OK
 
@@ -305,7 +309,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from detector.data import subset_annotations
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    summary = subset_annotations(_existing(args.ann, "--ann"), Path(args.out), categories=categories, max_images=args.max_images)
+    ann = _existing(args.ann, "--ann")
+    summary = subset_annotations(ann, Path(args.out), categories=categories, max_images=args.max_images)
     print(f"wrote {summary['out']}: {summary['images']} images, {summary['annotations']} annotations")
     return OK
 
@@ -347,10 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+_DETECTOR_USER_ERRORS = (
+    ("detector.config", "ConfigError"),
+    ("detector.data", "DataError"),
+    ("detector.weights", "WeightsError"),
+)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that are the user's mistake, not ours: reported without a traceback."""
     kinds: list[type[BaseException]] = [UserError]
-    for module, name in (("detector.config", "ConfigError"), ("detector.data", "DataError"), ("detector.weights", "WeightsError")):
+    for module, name in _DETECTOR_USER_ERRORS:
         mod = sys.modules.get(module)  # only if loaded: if it is not, it cannot have raised
         if mod is not None and isinstance(getattr(mod, name, None), type):
             kinds.append(getattr(mod, name))
@@ -410,7 +422,8 @@ def _print_mapping(info: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(info, indent=2))
     else:
-        print(_table([("key", "value"), *((str(k), json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in info.items())]))
+        rows = [(str(k), json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in info.items()]
+        print(_table([("key", "value"), *rows]))
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

@@ -229,7 +229,9 @@ class SubmititExecutor:
             try:
                 import submitit
             except ImportError:
-                raise UserError("--executor submitit: submitit is not installed; pip install 'frcnn-harness[cluster]'") from None
+                raise UserError(
+                    "--executor submitit: submitit is not installed; pip install 'frcnn-harness[cluster]'"
+                ) from None
             self.folder.mkdir(parents=True, exist_ok=True)
             ex = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
             params: dict[str, Any] = {"timeout_min": self.timeout_min, "nodes": 1, "tasks_per_node": 1}

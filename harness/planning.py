@@ -17,10 +17,11 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+from detector.config import ConfigError, DetectorConfig, RunConfig
 from harness.errors import UserError
 from harness.executors import make_executor, thread_env
+from harness.matrix import Cell, MatrixSpec, Profile
 from harness.provenance import base_provenance
 from harness.runs import CellJob, RunSummary, cell_dir, check_name, profile_dir, run_jobs
 
@@ -50,9 +51,11 @@ def check_coco_root(root: Path, what: str) -> Path:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{what} {root}: no such folder; a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/")
-    missing = [p for p, ok in ((TRAIN_ANN, (root / TRAIN_ANN).is_file()), (f"{TRAIN_IMAGES}/", (root / TRAIN_IMAGES).is_dir())) if not ok]
+    missing = [TRAIN_ANN] if not (root / TRAIN_ANN).is_file() else []
+    missing += [f"{TRAIN_IMAGES}/"] if not (root / TRAIN_IMAGES).is_dir() else []
     if missing:
-        raise UserError(f"{what} {root}: missing {' and '.join(missing)} (a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/)")
+        holds = f"a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/"
+        raise UserError(f"{what} {root}: missing {' and '.join(missing)} ({holds})")
     return root
 
 
@@ -81,7 +84,9 @@ def synthetic_root(runs_dir: Path, *, images: int, seed: int) -> Path:
     return root
 
 
-def dataset_root(matrix: Any, profile: Any, *, data: str | None, runs_dir: Path, seed: int, log: Callable[[str], None]) -> Path:
+def dataset_root(
+    matrix: MatrixSpec, profile: Profile, *, data: str | None, runs_dir: Path, seed: int, log: Callable[[str], None]
+) -> Path:
     """The data root of a run: `--data`, else the profile's path, else the generated synthetic set."""
     if data:
         return check_coco_root(Path(data), "--data")
@@ -90,7 +95,8 @@ def dataset_root(matrix: Any, profile: Any, *, data: str | None, runs_dir: Path,
         t0 = time.monotonic()
         root = synthetic_root(runs_dir, images=profile.synth_images, seed=seed)
         if time.monotonic() - t0 > 1.0:
-            log(f"generated the synthetic set ({profile.synth_images} images, seed {seed}) in {time.monotonic() - t0:.1f} s")
+            took = time.monotonic() - t0
+            log(f"generated the synthetic set ({profile.synth_images} images, seed {seed}) in {took:.1f} s")
         return root
     path = Path(data_root).expanduser()
     if not path.is_absolute():
@@ -107,7 +113,8 @@ def parse_pretrained(items: Sequence[str]) -> dict[str, Path]:
     for item in items:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
-            raise UserError(f"--pretrained {item!r}: expected NAME=FILE, e.g. torchvision://resnet50=/weights/resnet50.pth")
+            example = "torchvision://resnet50=/weights/resnet50-0676ba61.pth"
+            raise UserError(f"--pretrained {item!r}: expected NAME=FILE, e.g. {example}")
         path = Path(file).expanduser().resolve()
         if not path.exists():
             raise UserError(f"--pretrained {name}: no such file or folder: {path}")
@@ -115,10 +122,16 @@ def parse_pretrained(items: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def run_config(profile: Any, *, data_root: Path, device: str, seed: int, pretrained_path: Path | None = None, load_from_path: Path | None = None) -> Any:
+def run_config(
+    profile: Profile,
+    *,
+    data_root: Path,
+    device: str,
+    seed: int,
+    pretrained_path: Path | None = None,
+    load_from_path: Path | None = None,
+) -> RunConfig:
     """The `RunConfig` of one (cell, seed) from the profile; val files only where they exist."""
-    from detector.config import RunConfig
-
     has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
     return RunConfig(
         data_root=str(data_root),
@@ -131,7 +144,7 @@ def run_config(profile: Any, *, data_root: Path, device: str, seed: int, pretrai
         images_per_gpu=profile.images_per_gpu,
         workers=profile.workers,
         max_iters=profile.max_iters,
-        image_scale=tuple(profile.image_scale) if profile.image_scale else None,
+        image_scale=profile.image_scale,
         eval_max_images=profile.eval_max_images,
         checkpoint_interval=profile.checkpoint_interval,
         bench_images=profile.bench_images,
@@ -140,7 +153,7 @@ def run_config(profile: Any, *, data_root: Path, device: str, seed: int, pretrai
     )
 
 
-def build_problem(cfg: Any) -> str | None:
+def build_problem(cfg: DetectorConfig) -> str | None:
     """Why the detector cannot build `cfg` (ConfigError / NotImplementedError), or None if it can.
 
     The model is built on the meta device: no memory, no init cost, same constructor code. Any
@@ -149,7 +162,6 @@ def build_problem(cfg: Any) -> str | None:
     try:
         import torch
 
-        from detector.config import ConfigError
         from detector.model import build_detector
     except ImportError:
         return None
@@ -164,10 +176,10 @@ def build_problem(cfg: Any) -> str | None:
 
 
 def plan_run(
-    matrix: Any,
-    profile: Any,
+    matrix: MatrixSpec,
+    profile: Profile,
     *,
-    cells: Sequence[Any],
+    cells: Sequence[Cell],
     seeds: Sequence[int],
     runs_dir: Path,
     data_root: Path,
@@ -175,11 +187,10 @@ def plan_run(
     pretrained: dict[str, Path],
 ) -> list[CellJob]:
     """One `CellJob` per (cell, seed), in matrix order then seed order."""
-    from detector.config import ConfigError
     from detector.recipes import resolve
 
     check_name("matrix", matrix.name)
-    resolved: list[tuple[Any, Any, str | None]] = []
+    resolved: list[tuple[Cell, DetectorConfig | None, str | None]] = []
     for cell in cells:
         try:
             cfg, problem = resolve(dict(cell.axes), name=cell.name), None
@@ -191,7 +202,8 @@ def plan_run(
     used = {name for _c, cfg, _p in resolved if cfg is not None for name in (cfg.pretrained, cfg.load_from) if name}
     unknown = sorted(set(pretrained) - used)
     if unknown:
-        raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {', '.join(sorted(used)) or 'none'}")
+        names = ", ".join(sorted(used)) or "none"
+        raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {names}")
     jobs: list[CellJob] = []
     for cell, cfg, problem in resolved:
         for seed in seeds:
@@ -209,7 +221,7 @@ def plan_run(
     return jobs
 
 
-def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tuple[RunSummary, Any]:
+def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tuple[RunSummary, MatrixSpec]:
     """`harness run` (and the first half of `reproduce`): plan the cells, run them, log a summary."""
     from harness.matrix import load_matrix
 
@@ -217,7 +229,8 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     profile = matrix.profile(args.profile)
     cells = matrix.cells_for(profile, args.only)
     if not cells:
-        raise UserError(f"--only {' '.join(args.only)}: none of these cells is in profile {profile.name!r}, which runs {', '.join(profile.cells)}")
+        only, runs = " ".join(args.only), ", ".join(profile.cells)
+        raise UserError(f"--only {only}: none of these cells is in profile {profile.name!r}, which runs {runs}")
     device = args.device or default_device()
     if device == "cuda" and args.executor == "local" and default_device() != "cuda":
         raise UserError("--device cuda: no CUDA device is visible here; allowed: cpu")
@@ -225,7 +238,10 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     seeds = list(range(args.seed, args.seed + args.seeds))
     pretrained = parse_pretrained(args.pretrained)
     data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
-    jobs = plan_run(matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device, pretrained=pretrained)
+    jobs = plan_run(
+        matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device,
+        pretrained=pretrained,
+    )  # fmt: skip
     executor = make_executor(
         args.executor, folder=runs_dir / "_submitit" / matrix.name / profile.name, nproc_per_cell=args.nproc_per_cell,
         device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
@@ -236,10 +252,12 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     t0 = time.monotonic()
     summary = run_jobs(
         jobs, executor=executor, base_provenance=base_provenance(), nproc_per_cell=args.nproc_per_cell,
-        max_in_flight=args.jobs, force=args.force, env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell), log=log,
+        max_in_flight=args.jobs, force=args.force, log=log,
+        env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell),
     )  # fmt: skip
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("ok", "failed", "skipped"))
-    log(f"done in {time.monotonic() - t0:.1f} s: {counts}" + (f" ({len(summary.cached)} finished before)" if summary.cached else ""))
+    before = f" ({len(summary.cached)} finished before)" if summary.cached else ""
+    log(f"done in {time.monotonic() - t0:.1f} s: {counts}{before}")
     return summary, matrix
 
 

@@ -42,7 +42,8 @@ from harness.errors import UserError
 from harness.executors import CellCommand, Executor, Handle, cell_argv, run_pool
 from harness.provenance import cell_provenance, now_iso
 
-SPEC, METRICS, RESULT, LOG, STDOUT, LOCK = "spec.json", "metrics.json", "result.json", "log.jsonl", "stdout.txt", ".lock"
+SPEC, METRICS, RESULT, LOG = "spec.json", "metrics.json", "result.json", "log.jsonl"
+STDOUT, LOCK = "stdout.txt", ".lock"
 PREVIOUS = "_previous"
 FINISHED = ("ok", "skipped")
 # Outputs of one attempt; moved aside when the config changed or a re-run is forced.
@@ -221,7 +222,6 @@ class RunSummary:
 
     statuses: dict[str, str] = field(default_factory=dict)
     cached: list[str] = field(default_factory=list)  # finished before, not run again
-    interrupted: bool = False
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.statuses.values() if s == status)
@@ -318,7 +318,10 @@ def run_jobs(
 
     def provenance(job: CellJob, metrics: dict[str, Any], started_at: str, wall: float) -> dict[str, Any]:
         run = job.spec.get("run") or {}
-        return cell_provenance(base_provenance, metrics=metrics, run=run, nproc=nproc_per_cell, started_at=started_at, finished_at=now_iso(), wall_time_s=wall)
+        return cell_provenance(
+            base_provenance, metrics=metrics, run=run, nproc=nproc_per_cell,
+            started_at=started_at, finished_at=now_iso(), wall_time_s=wall,
+        )  # fmt: skip
 
     def start(job: CellJob, *, after_wait: bool = False) -> Handle | None:
         lock = CellLock(job.folder)
@@ -353,7 +356,8 @@ def run_jobs(
             (job.folder / name).unlink(missing_ok=True)  # a crash must not leave an old attempt's numbers
         write_json_atomic(job.folder / SPEC, job.spec)
         if job.skip_reason is not None:
-            result = make_result(job, status="skipped", metrics={}, provenance=provenance(job, {}, now_iso(), 0.0), reason=job.skip_reason)
+            prov = provenance(job, {}, now_iso(), 0.0)
+            result = make_result(job, status="skipped", metrics={}, provenance=prov, reason=job.skip_reason)
             write_json_atomic(job.folder / RESULT, result)
             summary.statuses[job.label] = "skipped"
             say(job, "skipped", job.skip_reason)
@@ -375,7 +379,8 @@ def run_jobs(
             if status == "failed" and job_error and metrics is None:
                 error = f"{job_error}\n{error}"
             prov = provenance(job, metrics or {}, attempt.started_at, wall)
-            write_json_atomic(job.folder / RESULT, make_result(job, status=status, metrics=metrics or {}, provenance=prov, error=error))
+            result = make_result(job, status=status, metrics=metrics or {}, provenance=prov, error=error)
+            write_json_atomic(job.folder / RESULT, result)
             summary.statuses[job.label] = status
             if status == "ok":
                 detail = f"box AP {(metrics or {}).get('box_ap')}"
@@ -392,9 +397,6 @@ def run_jobs(
         waiting = list(busy)
         busy.clear()
         run_pool(waiting, start=lambda job: start(job, after_wait=True), finish=finish, max_in_flight=max_in_flight)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        raise
     finally:
         # run_pool has cancelled whatever still ran; their folders get no result.json (they resume).
         for attempt, _handle in active.values():

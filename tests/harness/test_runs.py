@@ -246,7 +246,8 @@ def test_two_runners_never_run_the_same_cell(tmp_path: Path, fake_cell: Path) ->
         assert "SUMMARY [('a', 'ok'), ('b', 'ok'), ('c', 'ok'), ('d', 'ok')]" in out
 
 
-def test_sigterm_keeps_finished_results_and_stops_running_cells(tmp_path: Path, fake_cell: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_keeps_finished_results_and_stops_running_cells(tmp_path: Path, fake_cell: Path, sig: int) -> None:
     runner = _runner(tmp_path, fake_cell, "0,120", 2, ["quick", "slow"])
     quick, slow = tmp_path / "runs/m/smoke/quick", tmp_path / "runs/m/smoke/slow"
     t0 = time.monotonic()
@@ -254,7 +255,7 @@ def test_sigterm_keeps_finished_results_and_stops_running_cells(tmp_path: Path, 
         assert time.monotonic() - t0 < 60 and runner.poll() is None
         time.sleep(0.05)
     slow_pid = int((slow / "starts.txt").read_text().split()[0])
-    runner.send_signal(signal.SIGTERM)
+    runner.send_signal(sig)  # SIGINT: Ctrl-C; SIGTERM: kill, a batch system's stop
     out = runner.communicate(timeout=60)[0]
     assert runner.returncode != 0 and "KeyboardInterrupt" in out
     assert json.loads((quick / "result.json").read_text())["status"] == "ok"
