@@ -35,12 +35,16 @@ _ITER_RE = re.compile(r"^iter_(\d+)\.pt$")
 # RNG states as weights_only-loadable values
 # --------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """The process's torch (CPU + every CUDA device), numpy and Python RNG states."""
+    """The process's torch (CPU + current CUDA device), numpy and Python RNG states.
+
+    Only the current CUDA device's state is kept: under torchrun each rank owns one device, and
+    asking every device would create a CUDA context on each of them from every rank.
+    """
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": {
             "kind": str(np_kind),
             "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
@@ -53,11 +57,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned (CUDA states only when the device count matches)."""
+    """Restore what `rng_state` returned (the CUDA state onto the current device)."""
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     npy = state["numpy"]
     np.random.set_state(
         (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])

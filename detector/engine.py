@@ -1,4 +1,6 @@
-"""Training and evaluation loops: optimiser, learning-rate schedule, mixed precision, logging.
+"""Training and evaluation loops: seeding, DDP helpers, JSONL log, progress bar, checkpoints.
+
+The optimiser, learning-rate schedule and mixed precision live in `detector.solver`.
 
 Shorthand used below:
     it      global iteration; 0-based inside the loop (the one about to run), 1-based in the logs
@@ -35,7 +37,6 @@ from detector import checkpoint as ckpt
 from detector.solver import Amp, LRSchedule
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]], list[dict[str, Any]]]
-LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -116,9 +117,10 @@ class Progress:
         now, decile = time.perf_counter(), self.n * 10 // self.total
         if self.tty and (now - self.last_draw > 0.2 or self.n >= self.total):
             self._draw(now, info, end="\r")
+            self.last_draw = now
         elif not self.tty and (decile > self.last_decile or self.n >= self.total):
             self._draw(now, info, end="\n")
-        self.last_draw, self.last_decile = now, decile
+            self.last_decile = decile
 
     def _draw(self, now: float, info: dict[str, Any], end: str) -> None:
         frac = min(self.n / self.total, 1.0)
@@ -200,6 +202,10 @@ def train(
     bare, n_batches = unwrap(model), len(source)
     it, epoch, in_epoch, extra = 0, 0, 0, {}
     if resume is not None:
+        if resume["extra"].get("world_size", world) != world:
+            # Batches per epoch and sampler positions depend on the world size: no exact resume.
+            raise ValueError(f"the checkpoint was written by {resume['extra']['world_size']} process(es), this run "
+                             f"has {world}; run with the same number of processes or delete the cell's checkpoints/")  # fmt: skip
         bare.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if scaler is not None and resume.get("scaler") is not None:
@@ -208,10 +214,6 @@ def train(
         rngs = resume["rng"]
         ckpt.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         it, epoch, in_epoch, extra = resume["iteration"], resume["epoch"], resume["iter_in_epoch"], resume["extra"]
-        if extra.get("world_size", world) != world:
-            # Batches per epoch and sampler positions depend on the world size: no exact resume.
-            raise ValueError(f"the checkpoint was written by {extra['world_size']} process(es), this run has {world}; "
-                             "run with the same number of processes or delete the cell's checkpoints/")  # fmt: skip
     resumed_from = it
     first_loss, last_log_loss = extra.get("first_loss"), extra.get("last_log_loss")
     win = _Window(**extra["window"]) if "window" in extra else _Window()
