@@ -116,7 +116,7 @@ class StandardRoIHead(nn.Module):
         """The 4 regression outputs of each RoI's own class: `Tensor[R, 4]`."""
         if self.cfg.reg_class_agnostic:
             return reg
-        return reg.view(reg.shape[0], -1, 4)[torch.arange(reg.shape[0], device=reg.device), labels]
+        return reg.view(reg.shape[0], reg.shape[1] // 4, 4)[torch.arange(reg.shape[0], device=reg.device), labels]
 
     def sample(self, rois: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """mmdet `MaxIoUAssigner` + `RandomSampler(add_gt_as_proposals=True)` per image.
@@ -183,7 +183,7 @@ class StandardRoIHead(nn.Module):
         cls, reg = self.forward_box(feats, rois)
         scores = F.softmax(cls, dim=1)[:, :k]  # background (last) dropped
         img = rois[:, 0].long()
-        deltas = reg.view(reg.shape[0], -1, 4).expand(-1, k, -1)
+        deltas = reg.view(reg.shape[0], reg.shape[1] // 4, 4).expand(-1, k, -1)
         boxes = self.coder.decode(rois[:, None, 1:], deltas, image_sizes[img][:, None, :])  # [R, C, 4]
         if scale_factors is not None:
             boxes = boxes * scale_factors[img].repeat(1, 2)[:, None, :]
