@@ -124,9 +124,9 @@ def resnet_layout(*, depth: int = 50, groups: int = 1, base_width: int = 64, sta
     return out
 
 
-def faster_rcnn_fpn_layout(*, num_classes: int = 80) -> dict[str, Shape]:
+def faster_rcnn_fpn_layout(*, num_classes: int = 80, **backbone: int) -> dict[str, Shape]:
     """faster-rcnn_r50_fpn: FPN(256, 4 laterals), RPNHead(256, 3 anchors), Shared2FCBBoxHead(1024)."""
-    out = {f"backbone.{k}": v for k, v in resnet_layout().items()}
+    out = {f"backbone.{k}": v for k, v in resnet_layout(**backbone).items()}
     for i, c in enumerate((256, 512, 1024, 2048)):
         out[f"neck.lateral_convs.{i}.conv.weight"], out[f"neck.lateral_convs.{i}.conv.bias"] = (256, c, 1, 1), (256,)
     for i in range(4):
@@ -146,6 +146,17 @@ def faster_rcnn_c4_layout() -> dict[str, Shape]:
     out.update(_rpn(1024, 15))
     out.update({f"roi_head.shared_head.{k}": v for k, v in resnet_layout(stages=(4,), stem=False).items()})
     out.update(_predictors(80, 2048))
+    return out
+
+
+def faster_rcnn_dc5_layout() -> dict[str, Shape]:
+    """faster-rcnn_r50-caffe-dc5: full trunk, RPN on C5 (2048, 15 anchors), Shared2FCBBoxHead(2048 * 7 * 7)."""
+    out = {f"backbone.{k}": v for k, v in resnet_layout().items()}
+    out.update(_rpn(2048, 15))
+    h = "roi_head.bbox_head"
+    out.update({f"{h}.shared_fcs.0.weight": (1024, 2048 * 7 * 7), f"{h}.shared_fcs.0.bias": (1024,),
+                f"{h}.shared_fcs.1.weight": (1024, 1024), f"{h}.shared_fcs.1.bias": (1024,)})
+    out.update(_predictors(80, 1024))
     return out
 
 
@@ -216,6 +227,29 @@ def test_layout_generator_is_anchored_to_published_names() -> None:
     assert {k: tuple(v.shape) for k, v in tv.items() if not k.startswith("fc.")} == resnet_layout()
 
 
+@pytest.mark.parametrize(
+    ("axes", "layout"),
+    [
+        ({}, faster_rcnn_fpn_layout()),
+        ({"backbone": "r101", "style": "caffe"}, faster_rcnn_fpn_layout(depth=101)),
+        ({"backbone": "x101-32x4d"}, faster_rcnn_fpn_layout(depth=101, groups=32, base_width=4)),
+        ({"backbone": "x101-64x4d"}, faster_rcnn_fpn_layout(depth=101, groups=64, base_width=4)),
+        ({"backbone": "x101-32x8d", "schedule": "3x", "train_scale": "ms-range"},
+         faster_rcnn_fpn_layout(depth=101, groups=32, base_width=8)),
+        ({"style": "caffe", "neck": "c4"}, faster_rcnn_c4_layout()),
+        ({"style": "caffe", "neck": "dc5"}, faster_rcnn_dc5_layout()),
+        ({"style": "caffe", "classes": "person-bicycle-car", "pretrain": "coco-caffe-ms-3x"}, faster_rcnn_fpn_layout(num_classes=3)),
+    ],
+    ids=["r50-fpn", "r101-caffe-fpn", "x101-32x4d", "x101-64x4d", "x101-32x8d", "c4", "dc5", "3-classes"],
+)
+def test_every_architecture_has_the_published_layout(axes: dict[str, str], layout: dict[str, Shape]) -> None:
+    """Names and shapes of each matrix architecture equal the published checkpoint layout, so a
+    published file of that row loads by key (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = build_detector(recipes.resolve(axes))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+
+
 # --------------------------------------------------------------------------------------------------
 # Whole detectors
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +308,11 @@ def test_subset_finetune_skips_mismatched_predictors(tmp_path: Path) -> None:
         assert torch.equal(model.state_dict()[k], v)  # mmdet re-initialises them: left as built
     kept = {k: v for k, v in source.items() if k not in fresh}
     assert assert_loaded(model, kept) == len(source) - 4
+    # The run's initialisation does the same from RunConfig.load_from_path (no ImageNet file needed).
+    run = RunConfig(data_root=str(tmp_path), load_from_path=str(path))
+    model.state_dict()["backbone.conv1.weight"].zero_()
+    assert initialise(model, cfg, run) == []
+    assert torch.equal(model.state_dict()["backbone.conv1.weight"], source["backbone.conv1.weight"])
 
 
 def test_unfitting_file_lists_missing_unexpected_and_shapes(fpn_model: torch.nn.Module, tmp_path: Path) -> None:
