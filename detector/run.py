@@ -30,8 +30,6 @@ from detector import engine, measure, solver
 from detector.config import ConfigError, DetectorConfig, RunConfig
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
-COCO_KEYS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
-             "bbox_AR_1", "bbox_AR_10", "bbox_AR_100", "bbox_AR_s", "bbox_AR_m", "bbox_AR_l")  # fmt: skip
 
 
 def read_spec(cell_dir: Path) -> tuple[DetectorConfig, RunConfig]:
@@ -112,22 +110,6 @@ def _cycle(loader: torch.utils.data.DataLoader, n: int) -> Iterator[engine.Batch
     return islice(forever(), n)
 
 
-def _coco_schema(stats: dict[str, float]) -> dict[str, float | None]:
-    """`detector.coco_eval` keys -> the metrics.json `coco` keys (ARCHITECTURE.md).
-
-    coco_eval follows mmdet CocoMetric (maxDets [100, 300, 1000]): AR@100 is pycocotools' AR_100
-    and, as the model keeps at most 100 boxes per image, AR_{s,m,l}@1000 equal AR_{s,m,l}@100.
-    AR_1 / AR_10 are not computed with those maxDets and are null.
-    """
-    if all(k in stats for k in COCO_KEYS):
-        return {k: stats[k] for k in COCO_KEYS}
-    out: dict[str, float | None] = {k: stats.get(k) for k in COCO_KEYS[:6]}
-    out.update(bbox_AR_1=None, bbox_AR_10=None, bbox_AR_100=stats.get("bbox_AR@100"),
-               bbox_AR_s=stats.get("bbox_AR_s@1000"), bbox_AR_m=stats.get("bbox_AR_m@1000"),
-               bbox_AR_l=stats.get("bbox_AR_l@1000"))  # fmt: skip
-    return out
-
-
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -138,7 +120,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
              device: torch.device) -> dict[str, Any]:  # fmt: skip
     """Train, evaluate and measure; returns the metrics dict (rank 0's is complete)."""
     from detector import data as D
-    from detector.coco_eval import detections_to_coco, evaluate
+    from detector.coco_eval import METRIC_KEYS, detections_to_coco, evaluate
     from detector.model import build_detector
 
     try:
@@ -218,12 +200,12 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         dist.all_gather_object(gathered, (outputs, metas))
         outputs = [o for part, _ in gathered for o in part]
         metas = [m for _, part in gathered for m in part]
-    coco: dict[str, float | None] = {}
+    coco: dict[str, float] = {}
     if rank == 0:
         dets = detections_to_coco(outputs, metas, eval_set.label_to_cat_id)
         stats = evaluate(eval_set.coco, dets, cat_ids=eval_set.cat_ids, img_ids=eval_set.image_ids,
                          source=f"detections of {cell_dir.name}")  # fmt: skip
-        coco = _coco_schema(stats)
+        coco = {k: stats[k] for k in METRIC_KEYS}  # mmdet CocoMetric keys, fractions (ARCHITECTURE.md)
     eval_time = time.perf_counter() - t0
 
     fps: dict[str, Any] = {"fps": None, "images": 0, "precision": amp.name}
