@@ -54,9 +54,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("matrix", metavar="MATRIX", help="a name under matrices/ (faster_rcnn) or a YAML path")
-    p.add_argument("--profile", default="smoke", help="smoke (default), ci, full, or one the matrix declares")
+def _add_run_flags(p: argparse.ArgumentParser, *, profile: str = "smoke", matrix_optional: bool = False) -> None:
+    where = "a name under matrices/ (faster_rcnn) or a YAML path"
+    if matrix_optional:
+        p.add_argument("matrix", metavar="MATRIX", nargs="?", default=DEFAULT_MATRIX, help=f"{where}")
+    else:
+        p.add_argument("matrix", metavar="MATRIX", help=where)
+    p.add_argument("--profile", default=profile, help=f"smoke, ci, full or the matrix's own (default {profile})")
     p.add_argument("--only", nargs="+", action="extend", default=[], metavar="GLOB",
                    help="cell names, aliases or globs")  # fmt: skip
     p.add_argument("--data", metavar="ROOT", help="a COCO-2017 root replacing the profile's dataset")
@@ -94,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run, then report, then print the comparison summary")
     _add_run_flags(p)
     p.add_argument("--reports-dir", metavar="DIR", help=REPORTS_HELP)
+    p = sub.add_parser("regression", help="CI: run the ci profile, compare with the stored baselines")
+    _add_run_flags(p, profile="ci", matrix_optional=True)
 
     for name, what in (("report", "write the results page"), ("compare", "measured vs published, with verdicts")):
         p = sub.add_parser(name, help=what)
@@ -234,6 +240,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
 
 
+def cmd_regression(args: argparse.Namespace) -> int:
+    """`nox -s regression`: run a baseline-compared profile (ci), print the comparison, fail on a fail."""
+    from harness.compare import compare, comparison_exit_code, format_comparison
+    from harness.planning import execute_run, runs_dir_of
+
+    summary, matrix = execute_run(args, log=_log)
+    if matrix.profile(args.profile).compare != "baselines":
+        _log(f"note: profile {args.profile!r} compares with {matrix.profile(args.profile).compare!r}, not baselines")
+    df = compare(matrix, args.profile, runs_dir_of(args))
+    print(format_comparison(df))
+    return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.matrix import load_matrix
     from harness.planning import runs_dir_of
@@ -320,6 +339,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "describe": cmd_describe,
     "run": cmd_run,
     "reproduce": cmd_reproduce,
+    "regression": cmd_regression,
     "report": cmd_report,
     "compare": cmd_compare,
     "eval": cmd_eval,
