@@ -132,6 +132,34 @@ def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path
     assert len(stats) == 12 and stats["bbox_mAP"] == pytest.approx(1.0)
 
 
+def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import detector.measure
+    import detector.weights
+
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def fake_bench(cfg: object, **kw: object) -> dict[str, object]:
+        calls.append((getattr(cfg, "name"), kw))
+        return {"fps": 1.5, "device": "cpu"}
+
+    def fake_verify(cfg: object, **kw: object) -> dict[str, object]:
+        calls.append((getattr(cfg, "name"), kw))
+        return {"bbox_mAP": 0.374, "box_ap": 37.4}
+
+    monkeypatch.setattr(detector.measure, "bench", fake_bench)
+    monkeypatch.setattr(detector.weights, "verify", fake_verify)
+    assert main(["bench", "faster_rcnn_r50_fpn_1x_coco", "--images", "3", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"fps": 1.5, "device": "cpu"}
+    ckpt = tmp_path / "r50.pth"
+    ckpt.write_bytes(b"x")
+    assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(COCO128), "--device", "cpu", "--max-images", "4"]) == 0
+    assert "37.4" in capsys.readouterr().out
+    assert calls[0] == (R50, {"device": "cpu", "images": 3})
+    assert calls[1] == (R50, {"checkpoint": ckpt, "data_root": COCO128.resolve(), "device": "cpu", "max_images": 4})
+
+
 TINY = """\
 title: tiny
 axes:
@@ -185,3 +213,12 @@ def test_run_one_real_cell_through_submitit(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "result.json").read_text())
     assert result["status"] == "ok" and result["metrics"]["iters"] == 1
     assert any((tmp_path / "runs" / "_submitit" / "tiny" / "tiny").iterdir())  # submitit's own job files
+
+
+@pytest.mark.slow
+def test_run_one_real_cell_with_two_processes(tmp_path: Path) -> None:
+    """--nproc-per-cell 2: the cell runs under torchrun (gloo on CPU) and reports world size 2."""
+    proc = _harness("run", *_tiny(tmp_path), "--nproc-per-cell", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "result.json").read_text())
+    assert result["status"] == "ok" and result["provenance"]["world_size"] == 2 and result["metrics"]["total_batch"] == 4
