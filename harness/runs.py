@@ -8,7 +8,8 @@ Layout (ARCHITECTURE.md, "Cell folder"):
 
 Ledger: a cell's `result.json` records `config_hash`, the sha256 of the canonical JSON of its
 `spec.json`. A cell whose result is `ok` or `skipped` under the same hash is finished and is not run
-again; a `failed` cell, an interrupted one (no result.json) or a changed one (other hash) runs again.
+again (a `skipped` one runs as soon as the detector can build it); a `failed` cell, an interrupted
+one (no result.json) or a changed one (other hash) runs again; `--force` runs any of them again.
 A failed or interrupted cell resumes from its checkpoints; a changed or `--force`d one first moves
 its old outputs to `<cell>/_previous/` so that `detector.run` cannot resume a different config.
 
@@ -344,7 +345,9 @@ def run_jobs(
             # Another runner just finished this cell; take its result (even failed), never run twice.
             other = read_json(job.folder / RESULT)
             done = other if other and other.get("config_hash") == job.config_hash else None
-        if done is not None and not force and (job.skip_reason is None or done.get("status") == "skipped"):
+        # A cell skipped because the detector could not build it runs once the detector can.
+        now_buildable = done is not None and done.get("status") == "skipped" and job.skip_reason is None
+        if done is not None and not force and not now_buildable:
             summary.statuses[job.label] = str(done.get("status"))
             summary.cached.append(job.label)
             say(job, "done", f"{done.get('status')} before under the same config {job.config_hash[:12]}")

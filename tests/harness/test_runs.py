@@ -7,6 +7,7 @@ to `<cell>/starts.txt`, so a test can count how often a cell really ran.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -187,6 +188,11 @@ def test_ledger_skips_finished_reruns_failed_changed_and_forced(tmp_path: Path, 
 
     _run([changed], fake_cell, force=True)
     assert _starts(good.folder) == 3
+
+    # Skipped because the detector could not build it; the same spec runs once the detector can.
+    buildable = dataclasses.replace(skip, skip_reason=None)
+    summary, _ = _run([buildable], fake_cell)
+    assert summary.statuses == {"s": "ok"} and _starts(skip.folder) == 1
     assert json.loads((good.folder / "_previous" / "result.json").read_text())["config_hash"] == changed.config_hash
 
 
