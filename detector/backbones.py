@@ -86,11 +86,20 @@ def make_res_layer(
             nn.Conv2d(inplanes, planes * EXPANSION, 1, stride=stride, bias=False),
             nn.BatchNorm2d(planes * EXPANSION),
         )
-    common = dict(planes=planes, dilation=dilation, style=style, groups=groups, base_width=base_width)
-    layers = [Bottleneck(inplanes=inplanes, stride=stride, downsample=downsample, **common)]
-    layers += [
-        Bottleneck(inplanes=planes * EXPANSION, stride=1, downsample=None, **common) for _ in range(1, blocks)
-    ]
+    layers = []
+    for i in range(blocks):
+        layers.append(
+            Bottleneck(
+                inplanes=inplanes if i == 0 else planes * EXPANSION,
+                planes=planes,
+                stride=stride if i == 0 else 1,
+                dilation=dilation,
+                style=style,
+                groups=groups,
+                base_width=base_width,
+                downsample=downsample if i == 0 else None,
+            )
+        )
     return nn.Sequential(*layers)
 
 

@@ -30,6 +30,9 @@ class FasterRCNN(nn.Module):
     `forward(images, original_sizes=None)` -> per image `{"boxes" [K, 4], "scores" [K], "labels" [K]}`.
     """
 
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
         if cfg.num_classes < 1:
@@ -58,7 +61,7 @@ class FasterRCNN(nn.Module):
         if self.neck is not None:
             feats = self.neck(feats)
         rois, rpn_losses = self.rpn_head(feats, image_sizes, pad_shapes, targets if self.training else None)
-        if self.training:
+        if targets is not None and self.training:
             return {**rpn_losses, **self.roi_head.loss(feats, rois, targets)}
         return self.roi_head.predict(feats, rois, image_sizes, self.scale_factors(image_sizes, original_sizes))
 

@@ -47,7 +47,7 @@ class FPN(nn.Module):
         )
         self.out_channels = cfg.out_channels
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 

@@ -38,14 +38,13 @@ class Shared2FCBBoxHead(nn.Module):
 
     def __init__(self, *, in_channels: int, roi_size: int, fc_channels: int, num_classes: int, reg_dim: int) -> None:
         super().__init__()
-        self.shared_fcs = nn.ModuleList(
-            [nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)]
-        )
-        self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
-        self.fc_reg = nn.Linear(fc_channels, reg_dim)
-        for fc in self.shared_fcs:
+        fcs = [nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)]
+        for fc in fcs:
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
+        self.shared_fcs = nn.ModuleList(fcs)
+        self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
+        self.fc_reg = nn.Linear(fc_channels, reg_dim)
         _init_predictors(self.fc_cls, self.fc_reg)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -55,7 +55,8 @@ class RPNHead(nn.Module):
         self.rpn_reg = nn.Conv2d(cfg.feat_channels, 4 * a, 1)
         for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         self.coder = BoxCoder(cfg.target_stds)
 
     def head(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
