@@ -242,6 +242,10 @@ class RunConfig:
     max_iters: int | None = None
     warmup_iters: int | None = None  # None: the recipe's 500, capped at a third of max_iters
     image_scale: tuple[int, int] | None = None  # (long, short) override for small profiles
+    # Caps every proposal / RoI count of the recipe (RPN nms_pre and max_per_img, RoI samples) for the
+    # toy profiles: a C4 cell's res5 head runs once per RoI, so 1000 RoIs per image cannot fit a
+    # smoke budget on CPU. None: the recipe's counts. Recorded as a deviation when it changes anything.
+    proposal_cap: int | None = None
     eval_max_images: int | None = None
     checkpoint_interval: int = 1000  # iterations between checkpoints (always one at the end)
     log_interval: int = 50

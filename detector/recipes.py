@@ -223,6 +223,23 @@ def _quirk_notes(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
     return replace(cfg, notes=tuple(notes))
 
 
+def cap_proposals(cfg: DetectorConfig, cap: int | None) -> tuple[DetectorConfig, str | None]:
+    """`cfg` with every proposal / RoI count at most `cap`, and the deviation sentence (or None)."""
+    if cap is None:
+        return cfg, None
+
+    def capped(p: ProposalConfig) -> ProposalConfig:
+        return replace(p, nms_pre=min(p.nms_pre, cap), max_per_img=min(p.max_per_img, cap))
+
+    rpn = replace(cfg.rpn, train=capped(cfg.rpn.train), test=capped(cfg.rpn.test), num_samples=min(cfg.rpn.num_samples, cap))
+    roi = replace(cfg.roi_head, num_samples=min(cfg.roi_head.num_samples, cap))
+    new = replace(cfg, rpn=rpn, roi_head=roi)
+    if new == cfg:
+        return cfg, None
+    return new, (f"proposal counts capped at {cap} (RPN train {cfg.rpn.train.nms_pre}/{cfg.rpn.train.max_per_img}, "
+                 f"test {cfg.rpn.test.nms_pre}/{cfg.rpn.test.max_per_img}, RoI samples {cfg.roi_head.num_samples} in the recipe)")
+
+
 _STEPS: tuple[Callable[[DetectorConfig, dict[str, str]], DetectorConfig], ...] = (
     _backbone,
     _neck_and_heads,
@@ -233,4 +250,4 @@ _STEPS: tuple[Callable[[DetectorConfig, dict[str, str]], DetectorConfig], ...] =
     _quirk_notes,
 )
 
-__all__ = ["AXES", "DEFAULT_AXES", "resolve", "BackboneConfig", "DataConfig", "RoIHeadConfig", "RPNConfig", "ScheduleConfig"]
+__all__ = ["AXES", "DEFAULT_AXES", "cap_proposals", "resolve", "BackboneConfig", "DataConfig", "RoIHeadConfig", "RPNConfig", "ScheduleConfig"]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from detector import checkpoint as ckpt
-from detector import engine, measure, solver
+from detector import engine, measure, recipes, solver
 from detector.config import ConfigError, DetectorConfig, RunConfig
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
@@ -129,9 +129,12 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         raise RuntimeError(f"detector.weights is needed to initialise the model and cannot be imported: {exc}") from exc
 
     engine.seed_everything(run.seed, deterministic=run.deterministic)
+    cfg, cap_deviation = recipes.cap_proposals(cfg, run.proposal_cap)
     model = build_detector(cfg)
     deviations = list(weights.initialise(model, cfg, run))
     model.to(device)
+    if cap_deviation:
+        deviations.insert(0, cap_deviation)
     if run.image_scale is not None and tuple(run.image_scale) != tuple(cfg.data.scale):
         deviations.insert(0, f"image scale {tuple(run.image_scale)} instead of {tuple(cfg.data.scale)}")
 

@@ -98,6 +98,7 @@ class Profile:
     bench_images: int
     checkpoint_interval: int
     synth_images: int
+    proposal_cap: int | None = None  # caps RPN / RoI counts for toy profiles (a recorded deviation)
     cells: tuple[str, ...]  # globs restricting the cells of this profile; () = all
 
     def data_root(self, override: str | Path | None = None) -> str:

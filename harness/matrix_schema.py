@@ -44,7 +44,9 @@ _TABLE_KEYS = ("id", "heading", "intro", "columns", "rows")
 _ROW_KEYS = ("cell", "labels", "printed", "links")
 _PUBLISHED_KEYS = ("box_ap", "mem_gb", "fps")
 _PROFILE_FIELDS = ("data", "compare", "max_iters", "image_scale", "images_per_gpu", "workers", "eval_max_images",
-                   "bench_images", "checkpoint_interval", "synth_images", "cells")
+                   "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "cells")
+
+_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None}
 
 
 class _Ctx:
@@ -309,10 +311,10 @@ def _profiles(ctx: _Ctx, raw: Any, inherited: dict[str, Profile]) -> dict[str, P
         if parent_name is not None and parent is None:
             ctx.fail(f"extends unknown profile {parent_name!r}", field=f"profiles.{name}.extends", allowed=list(out))
         base = {f: getattr(parent, f) for f in _PROFILE_FIELDS} if parent else {}
-        missing = [f for f in _PROFILE_FIELDS if f not in fields and f not in base]
+        missing = [f for f in _PROFILE_FIELDS if f not in fields and f not in base and f not in _OPTIONAL_PROFILE_FIELDS]
         if missing:
             ctx.fail(f"missing fields {missing}", field=f"profiles.{name}", allowed=list(_PROFILE_FIELDS))
-        merged = {**base, **{k: _profile_field(ctx, name, k, v) for k, v in fields.items()}}
+        merged = {**_OPTIONAL_PROFILE_FIELDS, **base, **{k: _profile_field(ctx, name, k, v) for k, v in fields.items()}}
         out[name] = Profile(name=name, **merged)
     return out
 
@@ -345,5 +347,5 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         return (integer(value[0], 1, False), integer(value[1], 1, False))
     if key == "cells":
         return tuple(ctx.text(v, where) for v in ctx.seq(value, where))
-    minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1}.get(key, 0)
-    return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images"))
+    minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1}.get(key, 0)
+    return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images", "proposal_cap"))

@@ -145,6 +145,7 @@ def run_config(
         workers=profile.workers,
         max_iters=profile.max_iters,
         image_scale=profile.image_scale,
+        proposal_cap=profile.proposal_cap,
         eval_max_images=profile.eval_max_images,
         checkpoint_interval=profile.checkpoint_interval,
         bench_images=profile.bench_images,

@@ -75,3 +75,15 @@ def test_finetunes_and_quirk_notes() -> None:
 def test_impossible_cells_are_clear_errors(axes: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve(axes)
+
+
+def test_cap_proposals_caps_every_count_and_says_so() -> None:
+    from detector.recipes import cap_proposals
+
+    c4 = resolve({"style": "caffe", "neck": "c4"})
+    capped, deviation = cap_proposals(c4, 64)
+    assert (capped.rpn.train.nms_pre, capped.rpn.train.max_per_img, capped.rpn.test.max_per_img) == (64, 64, 64)
+    assert capped.roi_head.num_samples == 64 and capped.rpn.num_samples == 64
+    assert deviation and "12000/2000" in deviation
+    assert cap_proposals(c4, None) == (c4, None)
+    assert cap_proposals(c4, 100000) == (c4, None)  # nothing changes: no deviation recorded
