@@ -30,14 +30,14 @@ COLUMNS: tuple[str, ...] = (
     "box_ap", "mem_gb", "mem_kind", "fps", "fps_precision", "device", "device_class",
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
     "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
-    "resumed_from_iter", "train_time_s", "data_root", "image_scale", "deviations", "notes", "quirks",
+    "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "data_root", "image_scale", "deviations", "notes", "quirks",
     "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
     "pycocotools_version", "harness_version", "finished_at", "run_dir",
 )
 RESULTS_CSV_COLUMNS: tuple[str, ...] = (
     "name", "profile", "seed", "status", "box_ap", "mem_gb", "mem_kind", "fps", "device_class",
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
-    "eval_split", "quirks", "git_commit", "finished_at",
+    "eval_split", "quirks", "train_time_s", "eval_time_s", "wall_time_s", "git_commit", "finished_at",
 )
 
 
@@ -160,6 +160,8 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, not_co
         "lr_rescaled": metrics.get("lr_rescaled", prov.get("lr_rescaled")),
         "resumed_from_iter": prov.get("resumed_from_iter", metrics.get("resumed_from_iter")),
         "train_time_s": metrics.get("train_time_s"),
+        "eval_time_s": metrics.get("eval_time_s"),
+        "wall_time_s": prov.get("wall_time_s"),
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
         "deviations": tuple(metrics.get("deviations") or ()),

@@ -118,7 +118,10 @@ def test_measured_page_structure(matrix: MatrixSpec, measured: tuple[Path, str])
     out, text = measured
     seed = parse_tables(SEED.read_text(encoding="utf-8"))
     page = parse_tables(text)
-    assert len(page) == len(seed)
+    assert len(page) == len(seed) + 1  # the seed's tables, then the run-times table
+    times = page[-1]
+    assert times["heading"] == "Run times" and times["rows"][-1]["Config"] == "**all cells**"
+    assert all(float(r["Cell wall (s)"].strip("*")) >= 0 for r in times["rows"])
     for want, got in zip(seed, page):
         at = want["header"].index("box AP") + 1
         assert got["heading"] == want["heading"]
@@ -135,7 +138,7 @@ def test_measured_page_structure(matrix: MatrixSpec, measured: tuple[Path, str])
     assert r50["Verdict"] == "not comparable [Q5](#recipe-deviations)"
     giou = page[1]["rows"][2]
     assert giou["Verdict"] == "✗ fail" and giou["box AP"] == "- / 37.6"
-    for section in ("## How these numbers were measured", "## Recipe deviations", "## Plots", "## Files"):
+    for section in ("## How these numbers were measured", "## Recipe deviations", "## Run times", "## Plots", "## Files"):
         assert f"\n{section}\n" in text
     # Provenance line: commit, dirty state, versions, device, profile, date (of the last run).
     assert "commit `0123456789ab`" in text and "torch 2.14.0" in text and "torchvision 0.29.0" in text
