@@ -315,12 +315,12 @@ def memory_probe(which: str, mode: str, settings: BenchSettings) -> dict[str, An
     return {"increase_mib": round((peak - before) / 1024, 1), "peak_mib": round(peak / 1024, 1), "peak_reset": reset}
 
 
-def measure_memory(settings: BenchSettings) -> dict[str, Any]:
+def measure_memory(settings: BenchSettings, *, modes: tuple[str, ...] = ("infer", "train")) -> dict[str, Any]:
     """`memory_probe` of each model and mode, one fresh (spawned) process each, one at a time."""
     out: dict[str, Any] = {
         "kind": "peak RSS increase (VmHWM - VmRSS before the call) of one cold call in a fresh process, MiB",
     }
-    for mode in ("infer", "train"):
+    for mode in modes:
         row: dict[str, Any] = {}
         for which in ("ours", "theirs"):
             with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
