@@ -65,6 +65,7 @@ class Budget:
     eval_max_images: int
     log_interval: int
     warmup_iters: int | None = None
+    proposal_cap: int | None = None  # RunConfig.proposal_cap: a recorded deviation when set
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +83,7 @@ class Overfit:
     images: int
     budget: Budget
     lr: float  # the effective learning rate (no linear rescaling: base_batch_size = the real batch)
+    grad_clip: float | None  # max gradient norm (ScheduleConfig.grad_clip); None: the recipe's
     flip_prob: float
     require: dict[str, float]  # metric name -> minimum (e.g. coco/bbox_mAP_50: 0.5)
     why: str
@@ -297,7 +299,7 @@ class _Reader:
 
 
 def _budget(r: _Reader) -> Budget:
-    r.allowed({"max_iters", "image_scale", "eval_max_images", "log_interval", "warmup_iters"})
+    r.allowed({"max_iters", "image_scale", "eval_max_images", "log_interval", "warmup_iters", "proposal_cap"})
     scale = r.seq("image_scale")
     if len(scale) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in scale):
         raise r._err("image_scale", f"expected [long, short] integers >= 32, got {scale!r}")
@@ -305,6 +307,7 @@ def _budget(r: _Reader) -> Budget:
         max_iters=r.integer("max_iters", low=1), image_scale=(scale[0], scale[1]),
         eval_max_images=r.integer("eval_max_images", low=1), log_interval=r.integer("log_interval", low=1),
         warmup_iters=r.integer("warmup_iters", low=0) if r.get("warmup_iters") is not None else None,
+        proposal_cap=r.integer("proposal_cap", low=1) if r.get("proposal_cap") is not None else None,
     )  # fmt: skip
 
 
@@ -320,14 +323,14 @@ def _suite(r: _Reader, name: str) -> Suite:
 
 
 def _overfit(r: _Reader) -> Overfit:
-    r.allowed({"cell", "images", "budget", "lr", "flip_prob", "require", "why", "deviations"})
+    r.allowed({"cell", "images", "budget", "lr", "grad_clip", "flip_prob", "require", "why", "deviations"})
     require = r.mapping("require")
     if not require or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in require.values()):
         raise r._err("require", "expected a mapping metric -> minimum, e.g. {coco/bbox_mAP_50: 0.5}")
     deviations = r.seq("deviations")
     return Overfit(
         cell=r.text("cell"), images=r.integer("images", low=1), budget=_budget(r.sub("budget")), lr=r.number("lr"),
-        flip_prob=r.number("flip_prob"), require={str(k): float(v) for k, v in require.items()},
+        grad_clip=r.number("grad_clip") if r.get("grad_clip") is not None else None, flip_prob=r.number("flip_prob"), require={str(k): float(v) for k, v in require.items()},
         why=r.text("why"), deviations=tuple(str(d) for d in deviations),
     )  # fmt: skip
 

@@ -154,7 +154,8 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
             assert over is not None
             root = roots.setdefault("overfit", overfit_root(base, data_root, over.images))
             budget = over.budget
-            sched = dataclasses.replace(cfg.schedule, lr=over.lr, base_batch_size=profile.images_per_gpu)
+            sched = dataclasses.replace(cfg.schedule, lr=over.lr, base_batch_size=profile.images_per_gpu,
+                                        grad_clip=over.grad_clip if over.grad_clip is not None else cfg.schedule.grad_clip)  # fmt: skip
             cfg = dataclasses.replace(cfg, schedule=sched, data=dataclasses.replace(cfg.data, flip_prob=over.flip_prob))
         else:
             suite = next(s for s in spec.suites if s.name == suite_name)
@@ -168,6 +169,7 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
         run = dataclasses.replace(
             run, max_iters=budget.max_iters, image_scale=budget.image_scale, eval_max_images=budget.eval_max_images,
             log_interval=budget.log_interval, warmup_iters=budget.warmup_iters, checkpoint_interval=budget.max_iters,
+            proposal_cap=budget.proposal_cap,
             bench_images=0, progress=False,
         )  # fmt: skip
         job = CellJob(
@@ -243,6 +245,16 @@ def cell_metrics(folder: Path) -> dict[str, float]:
     return out
 
 
+def _device(device: str | None) -> str:
+    from harness.planning import default_device
+
+    if device is None:
+        return default_device()
+    if device.startswith("cuda") and default_device() != "cuda":
+        raise UserError(f"--device {device}: no CUDA device is visible here; allowed: cpu")
+    return device
+
+
 def _device_class(device: str) -> str:
     from harness.provenance import device_info
 
@@ -260,10 +272,9 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
     say = log or _stderr
     spec = load_spec(baselines or default_path(matrix))
     ci = ci_mode() if ci is None else ci
-    from harness.planning import default_device
     from harness.matrix import repo_root
 
-    device = device or default_device()
+    device = _device(device)
     wants_data = needs_data(spec, only)
     data_root = resolve_data(data, ci=ci, log=say) if wants_data else None
     runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
@@ -282,20 +293,19 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
 
 def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, only: Sequence[str] = (),
                      runs_dir: Path | None = None, device: str | None = None, baselines: Path | None = None,
-                     log: Log | None = None) -> int:  # fmt: skip
+                     command: str = "harness baseline update", log: Log | None = None) -> int:  # fmt: skip
     """`harness baseline update`: run the checks and store their metrics with provenance, on purpose.
 
     Refuses (exit 1, file untouched) when a cell fails, when the overfit check misses its floor or
     when the determinism check finds two runs differ: such numbers must not become the reference.
     """
     from harness.matrix import repo_root
-    from harness.planning import default_device
     from harness.provenance import base_provenance, now_iso
 
     say = log or _stderr
     path = Path(baselines or default_path(matrix))
     spec = load_spec(path)
-    device = device or default_device()
+    device = _device(device)
     data_root = resolve_data(data, ci=True, log=say) if needs_data(spec, only) else None
     runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
     checks = plan_checks(spec, data_root=data_root, runs_dir=runs, device=device, only=only, log=say)
@@ -326,7 +336,7 @@ def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, on
             "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"], "versions": prov["versions"],
             "device": device, "device_class": dclass, "cpu": cpu_model(), "threads_per_cell": spec.threads,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "updated_at": now_iso(),
-            "command": "harness baseline update " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["baseline", "update"] else []),
+            "command": command,
         },
         "checks": dict(sorted(entry_checks.items())),
     }  # fmt: skip
