@@ -78,6 +78,17 @@ def _add_run_flags(p: argparse.ArgumentParser, *, profile: str = "smoke", matrix
     p.add_argument("--slurm-partition", metavar="NAME", help="submitit on Slurm: the partition")
 
 
+def _add_regression_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("matrix", metavar="MATRIX", nargs="?", default=DEFAULT_MATRIX,
+                   help=f"whose checks: matrices/baselines/MATRIX.yaml (default {DEFAULT_MATRIX})")  # fmt: skip
+    p.add_argument("--data", metavar="ROOT", help="the real COCO subset (CI: ../shared/data/coco128)")
+    p.add_argument("--only", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="check ids, suites or cells, e.g. 'synthetic/*' or overfit")  # fmt: skip
+    p.add_argument("--runs-dir", metavar="DIR", help="default: <repo>/runs (checks run in DIR/regression/)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--baselines", metavar="FILE", help="default: matrices/baselines/MATRIX.yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="harness", description="Run the Faster R-CNN matrix, compare it with the published table.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -98,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run, then report, then print the comparison summary")
     _add_run_flags(p)
     p.add_argument("--reports-dir", metavar="DIR", help=REPORTS_HELP)
-    p = sub.add_parser("regression", help="CI: run the ci profile, compare with the stored baselines")
-    _add_run_flags(p, profile="ci", matrix_optional=True)
+    p = sub.add_parser("regression", help="CI: train the regression checks, compare with matrices/baselines/")
+    _add_regression_flags(p)
+    p = sub.add_parser("baseline", help="CI baselines under matrices/baselines/")
+    baseline = p.add_subparsers(dest="baseline_command", metavar="ACTION", parser_class=_Parser)
+    baseline.required = True
+    _add_regression_flags(baseline.add_parser("update", help="run the regression checks, store them as the baselines"))
 
     for name, what in (("report", "write the results page"), ("compare", "measured vs published, with verdicts")):
         p = sub.add_parser(name, help=what)
@@ -241,16 +256,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_regression(args: argparse.Namespace) -> int:
-    """`nox -s regression`: run a baseline-compared profile (ci), print the comparison, fail on a fail."""
-    from harness.compare import compare, comparison_exit_code, format_comparison
-    from harness.planning import execute_run, runs_dir_of
+    """`nox -s regression`: the checks of matrices/baselines/MATRIX.yaml; exit 1 on a regression."""
+    from harness.regression import run_regression
 
-    summary, matrix = execute_run(args, log=_log)
-    if matrix.profile(args.profile).compare != "baselines":
-        _log(f"note: profile {args.profile!r} compares with {matrix.profile(args.profile).compare!r}, not baselines")
-    df = compare(matrix, args.profile, runs_dir_of(args))
-    print(format_comparison(df))
-    return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
+    return run_regression(**_regression_kwargs(args), log=_log)
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """`harness baseline update`: refresh the baselines on purpose, with their provenance."""
+    from harness.regression import update_baselines
+
+    flags = " ".join(f"{k} {v}" for k, v in (("--data", args.data), ("--device", args.device)) if v)
+    command = " ".join(["harness baseline update", args.matrix, flags, *(["--only", *args.only] if args.only else [])])
+    return update_baselines(**_regression_kwargs(args), command=command.replace("  ", " ").strip(), log=_log)
+
+
+def _regression_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "matrix": args.matrix, "data": args.data, "only": list(args.only), "device": args.device,
+        "runs_dir": Path(args.runs_dir).resolve() if args.runs_dir else None,
+        "baselines": Path(args.baselines) if args.baselines else None,
+    }  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -340,6 +366,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "reproduce": cmd_reproduce,
     "regression": cmd_regression,
+    "baseline": cmd_baseline,
     "report": cmd_report,
     "compare": cmd_compare,
     "eval": cmd_eval,
