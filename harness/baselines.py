@@ -164,7 +164,8 @@ def compare_metrics(check: str, measured: dict[str, float], baseline: dict[str, 
         base, got = baseline.get(metric), measured.get(metric)
         if base is None or got is None:
             note = "not measured by this run" if got is None else "not in the baseline (update it on purpose)"
-            out.append(Finding(check=check, metric=metric, baseline=base, measured=got, tolerance="-", ok=False, note=note))
+            out.append(Finding(check=check, metric=metric, baseline=base, measured=got, tolerance="-", ok=False,
+                               note=note))  # fmt: skip
             continue
         tol = spec.tolerance(metric, check)
         b, m = float(base), float(got)
@@ -330,7 +331,8 @@ def _overfit(r: _Reader) -> Overfit:
     deviations = r.seq("deviations")
     return Overfit(
         cell=r.text("cell"), images=r.integer("images", low=1), budget=_budget(r.sub("budget")), lr=r.number("lr"),
-        grad_clip=r.number("grad_clip") if r.get("grad_clip") is not None else None, flip_prob=r.number("flip_prob"), require={str(k): float(v) for k, v in require.items()},
+        grad_clip=r.number("grad_clip") if r.get("grad_clip") is not None else None,
+        flip_prob=r.number("flip_prob"), require={str(k): float(v) for k, v in require.items()},
         why=r.text("why"), deviations=tuple(str(d) for d in deviations),
     )  # fmt: skip
 
@@ -338,7 +340,8 @@ def _overfit(r: _Reader) -> Overfit:
 def _tolerance(r: _Reader) -> Tolerance:
     r.allowed({"metric", "check", "abs", "rel", "why"})
     check = r.text("check") if r.get("check") is not None else "*"
-    return Tolerance(pattern=r.text("metric"), check=check, abs=r.number("abs", 0.0), rel=r.number("rel", 0.0), why=r.text("why"))
+    return Tolerance(pattern=r.text("metric"), check=check, abs=r.number("abs", 0.0), rel=r.number("rel", 0.0),
+                     why=r.text("why"))  # fmt: skip
 
 
 __all__ = [

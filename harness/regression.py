@@ -154,16 +154,19 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
             assert over is not None
             root = roots.setdefault("overfit", overfit_root(base, data_root, over.images))
             budget = over.budget
+            clip = over.grad_clip if over.grad_clip is not None else cfg.schedule.grad_clip
             sched = dataclasses.replace(cfg.schedule, lr=over.lr, base_batch_size=profile.images_per_gpu,
-                                        grad_clip=over.grad_clip if over.grad_clip is not None else cfg.schedule.grad_clip)  # fmt: skip
+                                        grad_clip=clip)
             cfg = dataclasses.replace(cfg, schedule=sched, data=dataclasses.replace(cfg.data, flip_prob=over.flip_prob))
         else:
             suite = next(s for s in spec.suites if s.name == suite_name)
             if suite.data == "given" and data_root is None:
                 continue
             if suite_name not in roots:
-                given = suite.data == "given" and data_root is not None
-                roots[suite_name] = data_root if given else synthetic_root(base, images=suite.images, seed=spec.seed)
+                if suite.data == "given" and data_root is not None:
+                    roots[suite_name] = data_root
+                else:
+                    roots[suite_name] = synthetic_root(base, images=suite.images, seed=spec.seed)
             root = roots[suite_name]
         run = run_config(profile, data_root=root, device=device, seed=spec.seed)
         run = dataclasses.replace(

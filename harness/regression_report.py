@@ -50,7 +50,8 @@ class Judgement:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "passed": self.passed, "data_missing": self.data_missing, "problems": self.problems, "notes": self.notes, "baseline": self.baseline,
+            "passed": self.passed, "data_missing": self.data_missing, "problems": self.problems,
+            "notes": self.notes, "baseline": self.baseline,
             "checks": [{"id": c.id, "kind": c.kind, "passed": c.passed, "problems": c.problems, "notes": c.notes,
                         "moved": [f.__dict__ for f in c.moved], "compared": len(c.findings)} for c in self.checks],
         }  # fmt: skip
@@ -105,7 +106,8 @@ def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, 
                     v.problems.append(f"the detector did not learn: {metric} {value} < {minimum} required on the "
                                       f"{spec.overfit.images} images it trained on")  # fmt: skip
                 else:
-                    v.notes.append(f"learned: {metric} {value:.3f} >= {minimum} on the {spec.overfit.images} training images")
+                    images = spec.overfit.images
+                    v.notes.append(f"learned: {metric} {value:.3f} >= {minimum} on the {images} training images")
         if check.kind == "rerun":
             twin = outcome.get(check.twin, {}).get("metrics") or {}
             diff = sorted(m for m in set(twin) | set(metrics) if twin.get(m) != metrics.get(m))
@@ -123,7 +125,7 @@ def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, 
 def _against_baseline(v: CheckVerdict, spec: RegressionSpec, check: Any, metrics: dict[str, float],
                       base: dict[str, Any] | None) -> None:  # fmt: skip
     if base is None:
-        v.problems.append(f"no baseline for this check in {spec.path}; add it on purpose with `harness baseline update`")
+        v.problems.append(f"no baseline for this check in {spec.path}; add one on purpose: `harness baseline update`")
         return
     run = check.job.spec["run"]
     data = fingerprint(Path(run["data_root"]), run["train_ann"])
@@ -143,9 +145,9 @@ def baseline_label(spec: RegressionSpec, device_class: str) -> str:
     """`cpu baseline in matrices/baselines/faster_rcnn.yaml (commit 5eccfd5f, 2026-11-24, torch 2.14.0)`."""
     prov = (spec.baselines.get(device_class) or {}).get("provenance") or {}
     versions = prov.get("versions") or {}
-    return (f"{device_class} baseline in {_short(spec.path)} (commit {str(prov.get('git_commit', '?'))[:8]}"
-            f"{' dirty' if prov.get('git_dirty') else ''}, {prov.get('date', '?')}, torch {versions.get('torch', '?')}, "
-            f"{prov.get('cpu') or prov.get('device', '?')})")  # fmt: skip
+    commit = str(prov.get("git_commit", "?"))[:8] + (" dirty" if prov.get("git_dirty") else "")
+    return (f"{device_class} baseline in {_short(spec.path)} (commit {commit}, {prov.get('date', '?')}, "
+            f"torch {versions.get('torch', '?')}, {prov.get('cpu') or prov.get('device', '?')})")  # fmt: skip
 
 
 def print_judgement(verdict: Judgement, spec: RegressionSpec, checks: list[Any], *, device_class: str) -> None:
@@ -154,8 +156,9 @@ def print_judgement(verdict: Judgement, spec: RegressionSpec, checks: list[Any],
     rows = [("check", "result", "compared", "moved", "largest move (relative to tolerance)")]
     for v in verdict.checks:
         worst = max(v.findings, key=lambda f: f.severity, default=None)
-        rows.append((v.id, "ok" if v.passed else "FAIL", str(len(v.findings)) if v.findings else "-",
-                     str(len(v.moved)) if v.findings else "-", worst.describe() if worst and worst.severity > 0 else "-"))  # fmt: skip
+        largest = worst.describe() if worst is not None and worst.severity > 0 else "-"
+        counts = (str(len(v.findings)), str(len(v.moved))) if v.findings else ("-", "-")
+        rows.append((v.id, "ok" if v.passed else "FAIL", *counts, largest))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\nregression of {spec.matrix} against the {label}")
     for i, row in enumerate(rows):
@@ -175,9 +178,10 @@ def print_judgement(verdict: Judgement, spec: RegressionSpec, checks: list[Any],
             print(f"REGRESSION {v.id}: {f.describe()}; against the {label}")
     moved = sum(len(v.moved) for v in verdict.checks)
     failed = sum(not v.passed for v in verdict.checks)
+    others = f", {len(verdict.problems)} other problems" if verdict.problems else ""
+    missing = "; the real-data checks were NOT run (no --data)" if verdict.data_missing else ""
     print(f"\nregression: {'PASS' if verdict.passed else 'FAIL'}: {len(verdict.checks)} checks, {failed} failed, "
-          f"{moved} metrics moved beyond tolerance" + ("" if not verdict.problems else f", {len(verdict.problems)} other problems")
-          + ("; the real-data checks were NOT run (no --data)" if verdict.data_missing else ""))  # fmt: skip
+          f"{moved} metrics moved beyond tolerance{others}{missing}")
 
 
 def _short(path: Path) -> str:
@@ -189,4 +193,12 @@ def _short(path: Path) -> str:
         return str(path)
 
 
-__all__ = ["CheckVerdict", "Judgement", "baseline_label", "fingerprint", "judge", "portable_spec_hash", "print_judgement"]
+__all__ = [
+    "CheckVerdict",
+    "Judgement",
+    "baseline_label",
+    "fingerprint",
+    "judge",
+    "portable_spec_hash",
+    "print_judgement",
+]

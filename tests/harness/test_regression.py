@@ -30,9 +30,10 @@ METRICS = {"coco/bbox_mAP": 0.0, "coco/bbox_mAP_50": 0.0, "box_ap": 0.0, "first_
 def _coco_root(root: Path, n_images: int = 2) -> Path:
     (root / "annotations").mkdir(parents=True)
     (root / "train2017").mkdir()
-    images = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 64, "height": 48} for i in range(n_images)]
+    images: list[dict[str, Any]] = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 64, "height": 48}
+                                    for i in range(n_images)]  # fmt: skip
     for im in images:
-        (root / "train2017" / im["file_name"]).write_bytes(b"\xff\xd8 not really a jpeg")
+        (root / "train2017" / str(im["file_name"])).write_bytes(b"\xff\xd8 not really a jpeg")
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 30, 20], "area": 600, "iscrowd": 0}]
     cats = [{"id": 1, "name": "person", "supercategory": "person"}]
     (root / TRAIN_ANN).write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
