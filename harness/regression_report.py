@@ -26,6 +26,7 @@ class CheckVerdict:
     findings: list[Finding] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # each one fails the check
     notes: list[str] = field(default_factory=list)  # said, but not a failure
+    wall_s: float | None = None  # the cell's wall time (result.json provenance)
 
     @property
     def moved(self) -> list[Finding]:
@@ -89,7 +90,8 @@ def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, 
         verdict.notes.append("the real-data checks (coco128, overfit) were NOT run: no --data")
     for check in checks:
         got = outcome[check.id]
-        v = CheckVerdict(id=check.id, kind=check.kind)
+        wall = ((got.get("result") or {}).get("provenance") or {}).get("wall_time_s")
+        v = CheckVerdict(id=check.id, kind=check.kind, wall_s=float(wall) if wall is not None else None)
         verdict.checks.append(v)
         if got["status"] != "ok":
             error = (got.get("error") or "").strip().splitlines()
@@ -97,6 +99,8 @@ def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, 
                               f"(see {check.job.folder}/stdout.txt)")  # fmt: skip
             continue
         metrics = got["metrics"]
+        deviations = ((got.get("result") or {}).get("metrics") or {}).get("deviations") or []
+        v.notes += [f"runs {d}" for d in deviations if "autocast" in d]  # AMP as this device can run it
         if check.kind in ("compare", "overfit") and need_baseline and entry is not None:
             _against_baseline(v, spec, check, metrics, (entry.get("checks") or {}).get(check.id))
         if check.kind == "overfit" and spec.overfit is not None:
@@ -153,12 +157,13 @@ def baseline_label(spec: RegressionSpec, device_class: str) -> str:
 def print_judgement(verdict: Judgement, spec: RegressionSpec, checks: list[Any], *, device_class: str) -> None:
     """The per-check table, then one line per moved metric and per problem, then PASS / FAIL."""
     label = baseline_label(spec, device_class)
-    rows = [("check", "result", "compared", "moved", "largest move (relative to tolerance)")]
+    rows = [("check", "result", "time", "compared", "moved", "largest move (relative to tolerance)")]
     for v in verdict.checks:
         worst = max(v.findings, key=lambda f: f.severity, default=None)
         largest = worst.describe() if worst is not None and worst.severity > 0 else "-"
         counts = (str(len(v.findings)), str(len(v.moved))) if v.findings else ("-", "-")
-        rows.append((v.id, "ok" if v.passed else "FAIL", *counts, largest))
+        wall = f"{v.wall_s:.0f} s" if v.wall_s is not None else "-"
+        rows.append((v.id, "ok" if v.passed else "FAIL", wall, *counts, largest))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\nregression of {spec.matrix} against the {label}")
     for i, row in enumerate(rows):
