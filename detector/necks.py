@@ -55,7 +55,8 @@ class FPN(nn.Module):
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):
             # mmdet upsamples to the finer level's size (not scale_factor=2): odd sizes stay aligned.
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            # In place: the lateral conv's backward does not need its output.
+            laterals[i - 1] += F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)]
         while len(outs) < self.num_outs:
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))

@@ -63,7 +63,7 @@ class RPNHead(nn.Module):
         """Per level: objectness logits `Tensor[N, K_l]` and deltas `Tensor[N, K_l, 4]`, in anchor order."""
         logits, deltas = [], []
         for f in feats:
-            x = F.relu(self.rpn_conv(f))
+            x = F.relu(self.rpn_conv(f), inplace=True)  # in place: the conv's backward does not need its output
             n = x.shape[0]
             logits.append(self.rpn_cls(x).permute(0, 2, 3, 1).reshape(n, -1))
             deltas.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(n, -1, 4))
