@@ -15,6 +15,9 @@ statistics are always frozen (mmdet `norm_eval=True`), its affine is trainable (
 from __future__ import annotations
 
 import math
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detector.config import BackboneConfig, ConfigError
@@ -22,6 +25,30 @@ from detector.config import BackboneConfig, ConfigError
 # Bottleneck blocks per stage (reference 1.5: depth 50 / 101).
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, *, fold: bool = True) -> Tensor:
+    """`bn(conv(x))`, computed as one convolution when the BN uses its running statistics.
+
+    With frozen statistics (mmdet `norm_eval=True`, every recipe here) BN is the per-channel affine
+    `y * s + (beta - mean * s)`, `s = gamma / sqrt(var + eps)`, so it folds into the conv:
+    `conv(x, W * s) + (beta - mean * s)`. Same function of x, gamma and beta (autograd reaches gamma
+    and beta through the folded weight and bias, so a trainable affine trains as before), up to float
+    rounding; it saves one pass over the activation, and in training the BN input that its backward
+    keeps. A BN in training mode (batch statistics) is applied as is.
+    """
+    if not fold or bn.training or bn.running_var is None or bn.running_mean is None:
+        return bn(conv(x))
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class Bottleneck(nn.Module):
@@ -43,7 +70,7 @@ class Bottleneck(nn.Module):
         style: str,
         groups: int,
         base_width: int,
-        downsample: nn.Module | None,
+        downsample: nn.Sequential | None,
     ) -> None:
         super().__init__()
         width = planes if groups == 1 else math.floor(planes * base_width / 64) * groups
@@ -58,13 +85,21 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        # `conv_bn` folding: off for a bare module (plain BN, bit-for-bit torchvision's ResNet math);
+        # the detector switches it on with `set_fold_bn_`.
+        self.fold_bn = False
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        fold = self.fold_bn
+        if self.downsample is None:
+            identity = x
+        else:
+            identity = conv_bn(self.downsample[0], self.downsample[1], x, fold=fold)
+        out = self.relu(conv_bn(self.conv1, self.bn1, x, fold=fold))
+        out = self.relu(conv_bn(self.conv2, self.bn2, out, fold=fold))
+        out = conv_bn(self.conv3, self.bn3, out, fold=fold)
+        out += identity  # in place: neither the conv nor the BN backward needs this tensor
+        return self.relu(out)
 
 
 def make_res_layer(
@@ -80,7 +115,7 @@ def make_res_layer(
 ) -> nn.Sequential:
     """One ResNet stage as mmdet `ResLayer`: the first block strides and projects, all blocks share
     the stage's dilation (DC5 dilates every block of res5)."""
-    downsample = None
+    downsample: nn.Sequential | None = None
     if stride != 1 or inplanes != planes * EXPANSION:
         downsample = nn.Sequential(
             nn.Conv2d(inplanes, planes * EXPANSION, 1, stride=stride, bias=False),
@@ -124,6 +159,14 @@ def freeze_norm_affine_(module: nn.Module) -> None:
         if isinstance(m, nn.BatchNorm2d):
             for p in m.parameters():
                 p.requires_grad_(False)
+
+
+def set_fold_bn_(module: nn.Module, enabled: bool) -> None:
+    """Fold frozen-statistics BN into the preceding conv (`conv_bn`) everywhere in `module`, or not:
+    the unfolded path is kept to check that the folded one computes the same thing."""
+    for m in module.modules():
+        if hasattr(m, "fold_bn"):
+            m.fold_bn = enabled
 
 
 def set_norm_eval_(module: nn.Module) -> None:
@@ -176,6 +219,7 @@ class ResNet(nn.Module):
             self.res_layers.append(name)
             inplanes = planes * EXPANSION
         self.out_channels = [64 * 2**i * EXPANSION for i in cfg.out_indices]
+        self.fold_bn = False  # the stem's conv_bn; see Bottleneck
         init_resnet_(self)
         if cfg.norm == "frozen":
             freeze_norm_affine_(self)
@@ -204,7 +248,7 @@ class ResNet(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x, fold=self.fold_bn)))
         outs = []
         for i, name in enumerate(self.res_layers):
             x = getattr(self, name)(x)
@@ -256,5 +300,5 @@ def build_backbone(cfg: BackboneConfig) -> ResNet:
     return ResNet(cfg)
 
 
-__all__ = ["Bottleneck", "ResLayerHead", "ResNet", "build_backbone", "make_res_layer", "set_norm_eval_"]
+__all__ = ["Bottleneck", "ResLayerHead", "ResNet", "build_backbone", "conv_bn", "make_res_layer", "set_fold_bn_", "set_norm_eval_"]
 
