@@ -123,13 +123,15 @@ def test_bad_baseline_file_names_file_and_field(tmp_path: Path, edit: Any, expec
 
 
 def test_within_tolerance_passes_and_a_moved_metric_fails(spec: RegressionSpec) -> None:
-    near = {**METRICS, "first_loss": METRICS["first_loss"] * (1 + 5e-5), "final_loss": METRICS["final_loss"] * 1.01}
+    first, final = spec.tolerance("first_loss", "coco128/x"), spec.tolerance("final_loss", "coco128/x")
+    near = {**METRICS, "first_loss": METRICS["first_loss"] * (1 + first.rel / 2),
+            "final_loss": METRICS["final_loss"] * (1 - final.rel / 2)}  # fmt: skip
     assert all(f.ok for f in compare_metrics("coco128/x", near, METRICS, spec))
-    moved = {**METRICS, "final_loss": METRICS["final_loss"] * 1.10}
+    moved = {**METRICS, "final_loss": METRICS["final_loss"] * (1 + 3 * final.rel)}
     bad = [f for f in compare_metrics("coco128/x", moved, METRICS, spec) if not f.ok]
     assert [f.metric for f in bad] == ["final_loss"]
-    assert bad[0].delta == pytest.approx(METRICS["final_loss"] * 0.10) and bad[0].severity > 1
-    assert "+10.00%" in bad[0].describe() and "tolerance rel 0.02" in bad[0].describe()
+    assert bad[0].delta == pytest.approx(METRICS["final_loss"] * 3 * final.rel) and bad[0].severity == pytest.approx(3)
+    assert f"+{3 * final.rel:.2%}" in bad[0].describe() and f"tolerance {final.describe()}" in bad[0].describe()
 
 
 def test_missing_or_extra_metric_cannot_pass(spec: RegressionSpec) -> None:
@@ -154,7 +156,8 @@ def test_regression_output_names_cell_metric_delta_and_baseline(spec: Regression
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("REGRESSION"))
     assert "coco128/faster-rcnn_r50_fpn_1x_coco" in line and "log/loss_cls@2 4.2672 -> 4.5" in line
-    assert "delta +0.2328" in line and "+5.46%" in line and "tolerance rel 0.001" in line
+    tol = spec.tolerance("log/loss_cls@2", checks[0].id).describe()
+    assert "delta +0.2328" in line and "+5.46%" in line and f"tolerance {tol}" in line
     assert "cpu baseline in matrices/baselines/faster_rcnn.yaml (commit 5eccfd5f, 2026-11-24, torch 2.14.0" in line
     assert out.rstrip().splitlines()[-1].startswith("regression: FAIL: 2 checks, 1 failed, 1 metrics moved")
 
@@ -162,7 +165,7 @@ def test_regression_output_names_cell_metric_delta_and_baseline(spec: Regression
 def test_all_within_tolerance_passes(spec: RegressionSpec, root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checks = [_check("coco128/faster-rcnn_r50_fpn_1x_coco", root, tmp_path)]
     spec = dataclasses.replace(spec, baselines={"cpu": _entry(checks)}, overfit=None)
-    verdict = judge(spec, checks, {checks[0].id: _outcome({**METRICS, "final_loss": 2.39})}, device_class="cpu",
+    verdict = judge(spec, checks, {checks[0].id: _outcome({**METRICS, "final_loss": 2.3816 * 1.005})}, device_class="cpu",
                     data_missing=False)  # fmt: skip
     assert verdict.passed
     print_judgement(verdict, spec, checks, device_class="cpu")
