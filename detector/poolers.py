@@ -6,9 +6,93 @@ with strides `featmap_strides`; S the output size (7, or 14 for C4).
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+# CPU RoIAlign splits its RoIs over this many threads at most (torchvision's CPU kernel is one loop
+# on one core; the op releases the GIL). Below `_MIN_ROIS` RoIs the threads are not worth it.
+_MIN_ROIS = 32
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
+        return _pool
+
+
+def _split_by_image(rois: Tensor, num_images: int, workers: int) -> list[tuple[int, Tensor]]:
+    """`(image, indices into rois)` jobs: each image's RoIs, cut into enough pieces to feed
+    `workers` threads (one piece per image when there are at least as many images as threads)."""
+    per_image = [(i, torch.nonzero(rois[:, 0] == i).squeeze(1)) for i in range(num_images)]
+    per_image = [(i, idx) for i, idx in per_image if idx.numel() > 0]
+    pieces = max(1, -(-workers // max(len(per_image), 1)))
+    return [(i, part) for i, idx in per_image for part in idx.chunk(pieces)]
+
+
+class ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's CPU `roi_align` (and its backward) run on several threads at once, each on one
+    image's slice `feat[i:i+1]` with a share of that image's RoIs (batch index rewritten to 0).
+
+    Each output row is computed by the same kernel from the same inputs as one `roi_align` call over
+    all RoIs, so the forward is bit-identical; the backward sums each piece's gradient, which only
+    reorders float additions when one image is cut into several pieces.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, feat: Tensor, rois: Tensor, scale: float, size: tuple[int, int], sampling_ratio: int, aligned: bool, workers: int
+    ) -> Tensor:
+        feat = feat.contiguous()  # the kernel reads NCHW; channels-last features are copied once here
+        jobs = _split_by_image(rois, feat.shape[0], workers)
+        local = []
+        for i, part in jobs:
+            r = rois[part].clone()
+            r[:, 0] = 0
+            local.append(r)
+
+        def run(k: int) -> Tensor:
+            i = jobs[k][0]
+            with torch.no_grad():  # grad mode is per thread: the workers must not record a graph
+                return torch.ops.torchvision.roi_align(feat[i : i + 1], local[k], scale, size[0], size[1], sampling_ratio, aligned)
+
+        out = feat.new_empty((rois.shape[0], feat.shape[1], *size))
+        for (_, part), res in zip(jobs, _thread_pool(workers).map(run, range(len(jobs)))):
+            out[part] = res
+        ctx.jobs, ctx.local, ctx.feat_shape = jobs, local, feat.shape
+        ctx.args = (scale, size, sampling_ratio, aligned, workers)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        scale, size, sampling_ratio, aligned, workers = ctx.args
+        n, c, h, w = ctx.feat_shape
+
+        def run(k: int) -> Tensor:
+            part = ctx.jobs[k][1]
+            with torch.no_grad():
+                return torch.ops.torchvision._roi_align_backward(
+                    grad[part].contiguous(), ctx.local[k], scale, size[0], size[1], 1, c, h, w, sampling_ratio, aligned
+                )
+
+        pieces = list(_thread_pool(workers).map(run, range(len(ctx.jobs))))
+        per_image: list[Tensor | None] = [None] * n
+        for (i, _), g in zip(ctx.jobs, pieces):
+            per_image[i] = g if per_image[i] is None else per_image[i].add_(g)
+        zeros = None
+        for i in range(n):
+            if per_image[i] is None:
+                zeros = grad.new_zeros((1, c, h, w)) if zeros is None else zeros
+                per_image[i] = zeros
+        return torch.cat(per_image), None, None, None, None, None, None  # type: ignore[arg-type]
 
 
 def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: int = 56) -> Tensor:
@@ -36,11 +120,17 @@ class RoIPooler(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.finest_scale = finest_scale
+        # Spread CPU RoIAlign over torch.get_num_threads() threads (`ThreadedRoIAlign`); False: one
+        # plain torchvision call per level.
+        self.cpu_threads = True
 
     def _align(self, feat: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return roi_align(
-            feat.float(), rois.float(), self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned
-        )
+        feat, rois = feat.float(), rois.float()
+        workers = torch.get_num_threads()
+        if self.cpu_threads and feat.device.type == "cpu" and workers > 1 and rois.shape[0] >= _MIN_ROIS:
+            out: Tensor = ThreadedRoIAlign.apply(feat, rois, scale, self.output_size, self.sampling_ratio, self.aligned, workers)
+            return out
+        return roi_align(feat, rois, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
 
     def forward(self, feats: list[Tensor], rois: Tensor) -> Tensor:
         num_levels = len(self.scales)
@@ -57,4 +147,4 @@ class RoIPooler(nn.Module):
         return out
 
 
-__all__ = ["RoIPooler", "map_roi_levels"]
+__all__ = ["RoIPooler", "ThreadedRoIAlign", "map_roi_levels"]

@@ -1,8 +1,9 @@
 """The detector's fast paths compute what the plain paths compute (benchmarks.md, "what each change won").
 
 Each fast path has a switch; with it off the model runs the plain PyTorch modules:
-`backbones.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv) and
-`FasterRCNN.cpu_channels_last` (NHWC batches on CPU).
+`backbones.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
+`FasterRCNN.cpu_channels_last` (NHWC batches on CPU) and `RoIPooler.cpu_threads` (CPU RoIAlign
+split over threads).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchvision.ops import box_iou
 from detector.backbones import conv_bn, set_fold_bn_
 from detector.config import DetectorConfig, ProposalConfig
 from detector.model import FasterRCNN, build_detector
+from detector.poolers import RoIPooler, ThreadedRoIAlign, _split_by_image
 
 
 # Fewer proposals and sampled RoIs than the recipe keep the test quick; the paths under test (the
@@ -96,6 +98,7 @@ def _assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3, 
 def _plain(model: FasterRCNN) -> FasterRCNN:
     plain = copy.deepcopy(model)
     plain.cpu_channels_last = False
+    plain.roi_head.bbox_roi_extractor.cpu_threads = False
     set_fold_bn_(plain, False)
     return plain
 
@@ -157,3 +160,45 @@ def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[Faster
     assert grads[0].keys() == grads[1].keys() and "backbone.layer2.0.bn1.weight" in grads[0]
     for name, g in grads[0].items():
         _assert_close_to_scale(g, grads[1][name], name=name)
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_threaded_roi_align_equals_one_plain_call(num_images: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    strides = (4, 8, 16, 32)
+    feats = [torch.randn(num_images, 8, 128 // s, 160 // s, generator=g).requires_grad_() for s in strides]
+    n = 90
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([120.0, 90.0])
+    wh = torch.rand(n, 2, generator=g) ** 2 * 150 + 4
+    # Image 1 of 3 gets no RoI: its gradient must still come back (as zeros).
+    img = torch.randint(0, num_images, (n, 1), generator=g).float() * (0 if num_images == 1 else 1)
+    img[img == 1] = 2 if num_images == 3 else 0
+    rois = torch.cat([img, xy, xy + wh], 1)
+    pooler = RoIPooler(output_size=7, featmap_strides=strides, sampling_ratio=0, aligned=True, finest_scale=56)
+    weights = torch.randn(n, 8, 7, 7, generator=g)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    outs, grads, calls = [], [], []
+    real_apply = ThreadedRoIAlign.apply
+    monkeypatch.setattr(ThreadedRoIAlign, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    for threaded in (True, False):
+        pooler.cpu_threads = threaded
+        for f in feats:
+            f.grad = None
+        out = pooler(feats, rois)
+        (out * weights).sum().backward()
+        outs.append(out.detach())
+        grads.append([f.grad for f in feats])
+    assert calls, "the threaded path did not run"
+    assert torch.equal(outs[0], outs[1])  # the same kernel on the same inputs, row by row
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    if num_images == 3:
+        assert all(g is None or g[1].abs().sum() == 0 for g in grads[0])
+
+
+def test_split_by_image_feeds_every_thread() -> None:
+    rois = torch.tensor([[0.0, 0, 0, 1, 1]] * 5 + [[2.0, 0, 0, 1, 1]] * 3)
+    one = _split_by_image(rois[:5], 1, workers=2)
+    assert [(i, p.tolist()) for i, p in one] == [(0, [0, 1, 2]), (0, [3, 4])]
+    two = _split_by_image(rois, 3, workers=2)
+    assert [(i, p.tolist()) for i, p in two] == [(0, [0, 1, 2, 3, 4]), (2, [5, 6, 7])]
