@@ -15,6 +15,7 @@ statistics are always frozen (mmdet `norm_eval=True`), its affine is trainable (
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,8 @@ class Bottleneck(nn.Module):
         if self.downsample is None:
             identity = x
         else:
-            identity = conv_bn(self.downsample[0], self.downsample[1], x, fold=fold)
+            conv, bn = cast(nn.Conv2d, self.downsample[0]), cast(nn.BatchNorm2d, self.downsample[1])
+            identity = conv_bn(conv, bn, x, fold=fold)
         out = self.relu(conv_bn(self.conv1, self.bn1, x, fold=fold))
         out = self.relu(conv_bn(self.conv2, self.bn2, out, fold=fold))
         out = conv_bn(self.conv3, self.bn3, out, fold=fold)
@@ -166,7 +168,7 @@ def set_fold_bn_(module: nn.Module, enabled: bool) -> None:
     the unfolded path is kept to check that the folded one computes the same thing."""
     for m in module.modules():
         if hasattr(m, "fold_bn"):
-            m.fold_bn = enabled
+            setattr(m, "fold_bn", enabled)
 
 
 def set_norm_eval_(module: nn.Module) -> None:
