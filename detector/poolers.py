@@ -29,6 +29,35 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _copy_image_(dst: Tensor, src: Tensor) -> None:
+    """`dst[C, H, W] <- src[C, H, W]`, each either NCHW-contiguous or an NHWC slice. Between layouts
+    this is one 2-D transpose `[H*W, C] <-> [C, H*W]`, which PyTorch copies in cache blocks, about
+    3x faster than the generic strided copy of `.contiguous()` on a 4-D tensor."""
+    c, h, w = dst.shape
+
+    def rows(t: Tensor, nchw: bool) -> Tensor:  # t as a 2-D view whose rows match dst's memory
+        if nchw:
+            return t.view(c, h * w) if t.is_contiguous() else t.permute(1, 2, 0).view(h * w, c).t()
+        return t.permute(1, 2, 0).view(h * w, c) if not t.is_contiguous() else t.view(c, h * w).t()
+
+    dst_nchw = dst.is_contiguous()
+    rows(dst, dst_nchw).copy_(rows(src, dst_nchw))
+
+
+def swap_layout(x: Tensor, *, to_channels_last: bool) -> Tensor:
+    """`x [N, C, H, W]` copied to channels-last (NHWC) memory or to contiguous NCHW (`_copy_image_`
+    per image); returned as is when already there. Same values."""
+    fmt = torch.channels_last if to_channels_last else torch.contiguous_format
+    if x.dim() != 4 or x.is_contiguous(memory_format=fmt):
+        return x
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return x.contiguous(memory_format=fmt)
+    out = torch.empty_like(x, memory_format=fmt)
+    for i in range(x.shape[0]):
+        _copy_image_(out[i], x[i])
+    return out
+
+
 def _split_by_image(rois: Tensor, num_images: int, workers: int) -> list[tuple[int, Tensor]]:
     """`(image, indices into rois)` jobs: each image's RoIs, cut into enough pieces to feed
     `workers` threads (one piece per image when there are at least as many images as threads)."""
@@ -51,7 +80,8 @@ class ThreadedRoIAlign(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, feat: Tensor, rois: Tensor, scale: float, size: tuple[int, int], sampling_ratio: int, aligned: bool, workers: int
     ) -> Tensor:
-        feat = feat.contiguous()  # the kernel reads NCHW; channels-last features are copied once here
+        ctx.channels_last = not feat.is_contiguous() and feat.is_contiguous(memory_format=torch.channels_last)
+        feat = swap_layout(feat, to_channels_last=False)  # the kernel reads NCHW
         jobs = _split_by_image(rois, feat.shape[0], workers)
         local = []
         for i, part in jobs:
@@ -64,9 +94,13 @@ class ThreadedRoIAlign(torch.autograd.Function):
             with torch.no_grad():  # grad mode is per thread: the workers must not record a graph
                 return torch.ops.torchvision.roi_align(feat[i : i + 1], local[k], scale, size[0], size[1], sampling_ratio, aligned)
 
-        out = feat.new_empty((rois.shape[0], feat.shape[1], *size))
-        for (_, part), res in zip(jobs, _thread_pool(workers).map(run, range(len(jobs)))):
-            out[part] = res
+        results = list(_thread_pool(workers).map(run, range(len(jobs))))
+        if torch.equal(torch.cat([part for _, part in jobs]), torch.arange(rois.shape[0])):
+            out = torch.cat(results)  # RoIs grouped by image, as the RPN and the sampler emit them
+        else:
+            out = feat.new_empty((rois.shape[0], feat.shape[1], *size))
+            for (_, part), res in zip(jobs, results):
+                out[part] = res
         ctx.jobs, ctx.local, ctx.feat_shape = jobs, local, feat.shape
         ctx.args = (scale, size, sampling_ratio, aligned, workers)
         return out
@@ -87,12 +121,16 @@ class ThreadedRoIAlign(torch.autograd.Function):
         per_image: list[Tensor | None] = [None] * n
         for (i, _), g in zip(ctx.jobs, pieces):
             per_image[i] = g if per_image[i] is None else per_image[i].add_(g)
-        zeros = None
-        for i in range(n):
-            if per_image[i] is None:
-                zeros = grad.new_zeros((1, c, h, w)) if zeros is None else zeros
-                per_image[i] = zeros
-        return torch.cat(per_image), None, None, None, None, None, None  # type: ignore[arg-type]
+        # Hand the gradient back in the features' own layout: autograd adds it to the RPN's
+        # channels-last gradient of the same level, which is slow across layouts.
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad_feat = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+        for i, g in enumerate(per_image):
+            if g is None:
+                grad_feat[i].zero_()
+            else:
+                _copy_image_(grad_feat[i], g[0])
+        return grad_feat, None, None, None, None, None, None
 
 
 def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: int = 56) -> Tensor:
@@ -147,4 +185,4 @@ class RoIPooler(nn.Module):
         return out
 
 
-__all__ = ["RoIPooler", "ThreadedRoIAlign", "map_roi_levels"]
+__all__ = ["RoIPooler", "ThreadedRoIAlign", "map_roi_levels", "swap_layout"]

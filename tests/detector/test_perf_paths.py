@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 from detector.backbones import conv_bn, set_fold_bn_
 from detector.config import DetectorConfig, ProposalConfig
 from detector.model import FasterRCNN, build_detector
-from detector.poolers import RoIPooler, ThreadedRoIAlign, _split_by_image
+from detector.poolers import RoIPooler, ThreadedRoIAlign, _split_by_image, swap_layout
 
 
 # Fewer proposals and sampled RoIs than the recipe keep the test quick; the paths under test (the
@@ -162,11 +162,12 @@ def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[Faster
         _assert_close_to_scale(g, grads[1][name], name=name)
 
 
-@pytest.mark.parametrize("num_images", [1, 3])
-def test_threaded_roi_align_equals_one_plain_call(num_images: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("num_images", "channels_last"), [(1, False), (3, False), (2, True)])
+def test_threaded_roi_align_equals_one_plain_call(num_images: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
     strides = (4, 8, 16, 32)
-    feats = [torch.randn(num_images, 8, 128 // s, 160 // s, generator=g).requires_grad_() for s in strides]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [torch.randn(num_images, 8, 128 // s, 160 // s, generator=g).contiguous(memory_format=fmt).requires_grad_() for s in strides]
     n = 90
     xy = torch.rand(n, 2, generator=g) * torch.tensor([120.0, 90.0])
     wh = torch.rand(n, 2, generator=g) ** 2 * 150 + 4
@@ -194,6 +195,19 @@ def test_threaded_roi_align_equals_one_plain_call(num_images: int, monkeypatch: 
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     if num_images == 3:
         assert all(g is None or g[1].abs().sum() == 0 for g in grads[0])
+    # The gradient comes back in the features' layout (no cross-layout add in autograd).
+    assert all(g is None or g.is_contiguous(memory_format=fmt) for g in grads[0])
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 12, 20), (1, 1, 5, 7), (2, 3, 1, 1)])
+def test_swap_layout_keeps_values(shape: tuple[int, int, int, int]) -> None:
+    x = torch.randn(*shape)
+    to_cl = swap_layout(x, to_channels_last=True)
+    assert torch.equal(to_cl, x) and to_cl.is_contiguous(memory_format=torch.channels_last)
+    back = swap_layout(to_cl, to_channels_last=False)
+    assert torch.equal(back, x) and back.is_contiguous()
+    odd = x.transpose(2, 3)  # neither layout: plain .contiguous()
+    assert torch.equal(swap_layout(odd, to_channels_last=False), odd)
 
 
 def test_split_by_image_feeds_every_thread() -> None:
