@@ -99,6 +99,9 @@ class Profile:
     checkpoint_interval: int
     synth_images: int
     proposal_cap: int | None = None  # caps RPN / RoI counts for toy profiles (a recorded deviation)
+    # Iterations between loss lines in log.jsonl (mmdet's LoggerHook default 50); the toy profiles
+    # train a few iterations, so they log every one or their loss curves would be a single point.
+    log_interval: int = 50
     cells: tuple[str, ...]  # globs restricting the cells of this profile; () = all
 
     def data_root(self, override: str | Path | None = None) -> str:

@@ -44,9 +44,9 @@ _TABLE_KEYS = ("id", "heading", "intro", "columns", "rows")
 _ROW_KEYS = ("cell", "labels", "printed", "links")
 _PUBLISHED_KEYS = ("box_ap", "mem_gb", "fps")
 _PROFILE_FIELDS = ("data", "compare", "max_iters", "image_scale", "images_per_gpu", "workers", "eval_max_images",
-                   "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "cells")
+                   "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "log_interval", "cells")
 
-_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None}
+_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50}
 
 
 class _Ctx:
@@ -347,5 +347,6 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         return (integer(value[0], 1, False), integer(value[1], 1, False))
     if key == "cells":
         return tuple(ctx.text(v, where) for v in ctx.seq(value, where))
-    minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1}.get(key, 0)
+    minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1,
+               "log_interval": 1}.get(key, 0)
     return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images", "proposal_cap"))

@@ -148,6 +148,7 @@ def run_config(
         proposal_cap=profile.proposal_cap,
         eval_max_images=profile.eval_max_images,
         checkpoint_interval=profile.checkpoint_interval,
+        log_interval=profile.log_interval,
         bench_images=profile.bench_images,
         pretrained_path=str(pretrained_path) if pretrained_path else None,
         load_from_path=str(load_from_path) if load_from_path else None,

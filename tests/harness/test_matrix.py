@@ -319,6 +319,17 @@ def test_user_profile_overrides_and_extends(tmp_path: Path) -> None:
     assert spec.profile("smoke").max_iters == 3 and spec.profile("smoke").image_scale == (160, 128)
     mine = spec.profile("mine")
     assert mine.compare == "published" and mine.data == str((tmp_path / "data").resolve()) and mine.max_iters == 100
+    assert mine.log_interval == 50  # not set anywhere on the chain: mmdet's LoggerHook default
+
+
+def test_profile_log_interval_must_be_positive(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        axes: {backbone: [r50]}
+        profiles:
+          smoke: {log_interval: 0}
+        """)
+    with pytest.raises(UserError, match=r"profiles\.smoke\.log_interval"):
+        load_matrix(str(path))
 
 
 # ------------------------------------------------------------------------------------------------
