@@ -238,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from harness.collect import collect, load_loss_curves, loss_trends
     from harness.compare import compare, comparison_exit_code, summary_counts
     from harness.planning import execute_run, runs_dir_of
     from harness.report import write_report
@@ -246,11 +247,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     runs_dir = runs_dir_of(args)
     page = write_report(matrix, args.profile, runs_dir, _out_dir(args))
     df = compare(matrix, args.profile, runs_dir)
+    trends = loss_trends(load_loss_curves(collect(matrix, args.profile, runs_dir)))
     counts = ", ".join(f"{n} {s}" for s in ("ok", "failed", "skipped") if (n := summary.count(s)) or s != "skipped")
     verdicts = ", ".join(f"{n} {v}" for v, n in summary_counts(df).items() if n)
     before = f" ({len(summary.cached)} finished before)" if summary.cached else ""
     print(f"{matrix.name} / {args.profile}: {len(summary.statuses)} runs: {counts}{before}")
     print(f"verdicts: {verdicts or 'none'}")
+    if not trends.empty:
+        rose = ", ".join(sorted(set(trends.loc[~trends["fell"], "name"])))
+        print(f"training loss fell in {int(trends['fell'].sum())}/{len(trends)} runs" + (f"; not in: {rose}" if rose else ""))
     print(f"page: {page}")
     return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
 

@@ -116,6 +116,25 @@ def load_loss_curves(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(points, columns=["name", "seed", "iter", "loss"])
 
 
+def loss_trends(curves: pd.DataFrame) -> pd.DataFrame:
+    """Did training lower the loss? One row per (name, seed) of `load_loss_curves` output.
+
+    A single logged step is noisy (one batch of two images in the smoke profile), so `loss_start`
+    and `loss_end` are the means over the first and the last quarter of the logged points (at least
+    one point each); `fell` is `loss_end < loss_start`. Runs with fewer than two points have no trend
+    and are left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for (name, seed), group in curves.sort_values("iter").groupby(["name", "seed"], sort=False):
+        losses = group["loss"].to_numpy()
+        if len(losses) < 2:
+            continue
+        k = max(1, len(losses) // 4)
+        start, end = float(losses[:k].mean()), float(losses[-k:].mean())
+        rows.append({"name": name, "seed": int(seed), "loss_start": start, "loss_end": end, "fell": end < start})
+    return pd.DataFrame(rows, columns=["name", "seed", "loss_start", "loss_end", "fell"])
+
+
 def results_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` reduced to the results.csv columns (DESIGN.md's, then a few that explain them)."""
     return frame[list(RESULTS_CSV_COLUMNS)].copy()
@@ -250,4 +269,4 @@ def _last_line(text: Any) -> str:
     return lines[-1][:200] if lines else "unknown error"
 
 
-__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "recipe_notes", "results_csv_frame"]
+__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "loss_trends", "recipe_notes", "results_csv_frame"]

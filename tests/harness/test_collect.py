@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.collect import COLUMNS, RESULTS_CSV_COLUMNS, collect, load_loss_curves, recipe_notes
+from harness.collect import COLUMNS, RESULTS_CSV_COLUMNS, collect, load_loss_curves, loss_trends, recipe_notes
 from harness.matrix import MatrixSpec, load_matrix
 from tests.resources.fake_runs import R50, write_run
 
@@ -115,3 +115,17 @@ def test_load_loss_curves_skips_non_loss_and_cut_lines(matrix: MatrixSpec, tmp_p
     assert list(seed0["iter"]) == [1, 2, 3] and list(seed0["loss"]) == [3.0, 2.0, 1.5]
     assert load_loss_curves(collect(matrix, "full", tmp_path / "none")).empty
     assert isinstance(curves, pd.DataFrame)
+
+
+def test_loss_trends_average_the_first_and_last_quarter() -> None:
+    points = [("a", 0, i + 1, loss) for i, loss in enumerate([5.0, 4.0, 9.0, 3.0, 2.0, 2.5, 1.0, 0.5])]
+    points += [("b", 0, 1, 2.0), ("b", 0, 2, 3.0)]  # rose
+    points += [("c", 0, 1, 2.0)]  # one point: no trend
+    trends = loss_trends(pd.DataFrame(points, columns=["name", "seed", "iter", "loss"]).sample(frac=1, random_state=0))
+    assert list(trends.columns) == ["name", "seed", "loss_start", "loss_end", "fell"]
+    by_name = {r["name"]: r for r in trends.to_dict(orient="records")}
+    assert set(by_name) == {"a", "b"}
+    # 8 points: quarters of 2, in iteration order whatever the row order; the spike at 3 is not in them
+    assert (by_name["a"]["loss_start"], by_name["a"]["loss_end"], by_name["a"]["fell"]) == (4.5, 0.75, True)
+    assert (by_name["b"]["loss_start"], by_name["b"]["loss_end"], by_name["b"]["fell"]) == (2.0, 3.0, False)
+    assert loss_trends(pd.DataFrame(columns=["name", "seed", "iter", "loss"])).empty

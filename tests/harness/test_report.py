@@ -121,6 +121,10 @@ def test_measured_page_structure(matrix: MatrixSpec, measured: tuple[Path, str])
     assert len(page) == len(seed) + 1  # the seed's tables, then the run-times table
     times = page[-1]
     assert times["heading"] == "Run times" and times["rows"][-1]["Config"] == "**all cells**"
+    # R-50's two seeds logged 3.0, 2.0, 1.0 (quarters of one point); the other runs logged no loss
+    r50_rows = [r for r in times["rows"] if r["Config"] == R50]
+    assert [r["Loss start → end"] for r in r50_rows] == ["3.00 → 1.00", "3.00 → 1.00"]
+    assert times["rows"][-1]["Loss start → end"] == "fell in 2/2"
     assert all(float(r["Cell wall (s)"].strip("*")) >= 0 for r in times["rows"])
     for want, got in zip(seed, page):
         at = want["header"].index("box AP") + 1
