@@ -56,4 +56,6 @@ def regression(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Our detector side by side with torchvision's: writes reports/bench.json and benchmarks.md."""
     _install(session)
-    session.run("python", "-m", "detector.bench_vs_torchvision", *session.posargs)
+    # By default also the ablation and the operator profile that reports/benchmarks.md discusses
+    # (about 10 minutes on 2 cores); any arguments replace these (e.g. `-- --pairs 3`).
+    session.run("python", "-m", "detector.bench_vs_torchvision", *(session.posargs or ["--ablation", "--profile"]))
