@@ -247,7 +247,10 @@ class RunConfig:
     # smoke budget on CPU. None: the recipe's counts. Recorded as a deviation when it changes anything.
     proposal_cap: int | None = None
     eval_max_images: int | None = None
-    checkpoint_interval: int = 1000  # iterations between checkpoints (always one at the end)
+    # Iterations between checkpoints, plus one at the end (what a crash in evaluation resumes from).
+    # None: no checkpoints at all, for toy profiles whose cells re-run in seconds (the smoke matrix
+    # would otherwise write ~16 GB of final checkpoints).
+    checkpoint_interval: int | None = 1000
     log_interval: int = 50
     bench_images: int = 0  # fps over this many images after warm-up; 0: no fps measurement
     bench_warmup: int = 5

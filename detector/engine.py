@@ -184,7 +184,7 @@ def train(
     scaler: Any | None = None,
     grad_clip: float | None = None,
     cell_dir: Path | None = None,
-    checkpoint_interval: int = 1000,
+    checkpoint_interval: int | None = 1000,
     log_interval: int = 50,
     progress: bool = True,
     resume: dict[str, Any] | None = None,
@@ -192,7 +192,8 @@ def train(
     """Train `model` (bare or DDP-wrapped) for `schedule.max_iters` iterations.
 
     Rank 0 appends one JSON line per `log_interval` to `cell_dir/log.jsonl` and saves
-    `cell_dir/checkpoints/` every `checkpoint_interval` iterations and at the end. `resume` is a
+    `cell_dir/checkpoints/` every `checkpoint_interval` iterations and at the end (never when it is
+    None). `resume` is a
     `detector.checkpoint.load_checkpoint` dict; the run then continues exactly where it stopped.
 
     Raises:
@@ -256,7 +257,9 @@ def train(
                 if log_path is not None:
                     _write_log(log_path, it, it / n_batches, lr, win, memory_mb(device))
                 win = _Window()
-            if ckpt_dir is not None and (it % checkpoint_interval == 0 or it == schedule.max_iters):
+            if ckpt_dir is not None and checkpoint_interval is not None and (
+                it % checkpoint_interval == 0 or it == schedule.max_iters
+            ):
                 window = {"sums": win.sums, "count": win.count, "time": win.time, "data_time": win.data_time}
                 state_extra = {"first_loss": first_loss, "last_log_loss": last_log_loss, "window": window,
                                "train_time_s": elapsed_before + time.perf_counter() - t_start, "world_size": world}  # fmt: skip

@@ -96,7 +96,7 @@ class Profile:
     workers: int
     eval_max_images: int | None
     bench_images: int
-    checkpoint_interval: int
+    checkpoint_interval: int | None  # None: no checkpoints (toy profiles)
     synth_images: int
     proposal_cap: int | None = None  # caps RPN / RoI counts for toy profiles (a recorded deviation)
     # Iterations between loss lines in log.jsonl (mmdet's LoggerHook default 50); the toy profiles

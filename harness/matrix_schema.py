@@ -349,4 +349,4 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         return tuple(ctx.text(v, where) for v in ctx.seq(value, where))
     minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1,
                "log_interval": 1}.get(key, 0)
-    return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images", "proposal_cap"))
+    return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images", "proposal_cap", "checkpoint_interval"))

@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------------------------------ loop
 def _run(tmp: Path | None, *, max_iters: int, seed: int = 0, resume: dict | None = None, init_seed: int = 0,
          model: TinyDetector | None = None, grad_clip: float | None = None,
-         weight_decay: float = 1e-4) -> tuple[TinyDetector, engine.TrainResult]:
+         weight_decay: float = 1e-4, checkpoint_interval: int | None = 4) -> tuple[TinyDetector, engine.TrainResult]:
     torch.manual_seed(init_seed)
     model = model or TinyDetector()
     source = TinySource(seed=seed)
@@ -31,7 +31,7 @@ def _run(tmp: Path | None, *, max_iters: int, seed: int = 0, resume: dict | None
     opt = solver.build_optimizer(model, ScheduleConfig(weight_decay=weight_decay), lr=plan.lr)
     engine.seed_everything(seed)
     result = engine.train(model, source, opt, plan, device=CPU, amp=solver.resolve_amp("fp32", CPU),
-                          grad_clip=grad_clip, cell_dir=tmp, checkpoint_interval=4, log_interval=3,
+                          grad_clip=grad_clip, cell_dir=tmp, checkpoint_interval=checkpoint_interval, log_interval=3,
                           progress=False, resume=resume)
     return model, result
 
@@ -51,6 +51,12 @@ def test_train_logs_jsonl_and_keeps_two_checkpoints(tmp_path: Path) -> None:
     latest = ckpt.load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
     assert latest["iteration"] == 14 and latest["epoch"] == 2 and latest["iter_in_epoch"] == 2
     assert torch.equal(latest["model"]["conv.weight"], model.conv.weight.detach())
+
+
+def test_no_checkpoint_interval_writes_no_checkpoint(tmp_path: Path) -> None:
+    _, result = _run(tmp_path, max_iters=5, checkpoint_interval=None)
+    assert result.iters == 5 and (tmp_path / "log.jsonl").is_file()
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:

@@ -322,13 +322,21 @@ def test_user_profile_overrides_and_extends(tmp_path: Path) -> None:
     assert mine.log_interval == 50  # not set anywhere on the chain: mmdet's LoggerHook default
 
 
-def test_profile_log_interval_must_be_positive(tmp_path: Path) -> None:
+def test_profile_intervals_must_be_positive(tmp_path: Path) -> None:
     path = write(tmp_path, """
         axes: {backbone: [r50]}
         profiles:
           smoke: {log_interval: 0}
         """)
     with pytest.raises(UserError, match=r"profiles\.smoke\.log_interval"):
+        load_matrix(str(path))
+    path = write(tmp_path, """
+        axes: {backbone: [r50]}
+        profiles:
+          smoke: {checkpoint_interval: null}
+          ci: {checkpoint_interval: 0}
+        """)
+    with pytest.raises(UserError, match=r"profiles\.ci\.checkpoint_interval"):
         load_matrix(str(path))
 
 

@@ -58,6 +58,7 @@ def test_run_config_from_profile(tmp_path: Path) -> None:
     )  # fmt: skip
     # The smoke profile trains a few iterations: every one is logged, so its loss curve has points.
     assert run.log_interval == smoke.log_interval == 1
+    assert run.checkpoint_interval is None  # no checkpoints: a smoke cell re-runs in seconds
     with_val = planning.run_config(smoke, data_root=_coco_root(tmp_path / "v", val=True), device="cpu", seed=0)
     assert with_val.val_ann == "annotations/instances_val2017.json" and with_val.val_images == "val2017"
     assert RunConfig.from_dict(run.to_dict()) == run
