@@ -112,6 +112,7 @@ class RPNConfig:
     allowed_border: float = -1.0
     loss_bbox: BoxLoss = "l1"
     loss_bbox_weight: float = 1.0
+    loss_bbox_beta: float = 1.0  # smooth-L1 only: 1/9 in the pre-#2410 RPN (reference 1.8)
     train: ProposalConfig = ProposalConfig(nms_pre=2000, max_per_img=1000)
     test: ProposalConfig = ProposalConfig(nms_pre=1000, max_per_img=1000)
 
@@ -134,6 +135,7 @@ class RoIHeadConfig:
     reg_decoded_bbox: bool = False
     loss_bbox: BoxLoss = "l1"
     loss_bbox_weight: float = 1.0
+    loss_bbox_beta: float = 1.0  # smooth-L1 only (mmdet SmoothL1Loss beta)
     pos_iou_thr: float = 0.5
     neg_iou_thr: float = 0.5
     min_pos_iou: float = 0.5

@@ -3,8 +3,12 @@
 This is the only place that knows how the MMDetection Faster R-CNN configs differ from the
 `faster-rcnn_r50_fpn_1x_coco` base. Every delta cites the section of
 `shared/reference/mmdet_faster_rcnn_recipes.md` it comes from. Where the published checkpoint was
-trained with a recipe that differs from today's config (quirks Q1, Q2, Q5), the harness follows the
-recipe *of the checkpoint* and records the quirk in `DetectorConfig.notes`, so the report can show it.
+trained with a recipe that differs from today's config, the quirk is recorded in
+`DetectorConfig.notes` so the report can show it: for Q1 (v3 milestone bugs) and Q2 (a forgotten caffe
+normalisation) the cell follows the recipe *of the checkpoint*; for Q5 (the Jan-Feb 2020 checkpoints,
+trained before mmdet PR #2410 changed the defaults) the cell trains today's L1 config, which its name
+and the README's "L1Loss" row claim, and `era: jan-2020` trains the defaults of the checkpoint instead
+(reference 1.8), so the two can be compared.
 
 Axes (all strings, as written in `matrices/*.yaml`):
 
@@ -19,6 +23,7 @@ Axes (all strings, as written in `matrices/*.yaml`):
 | precision   | fp32, amp, bf16                                               | fp32        |
 | pretrain    | imagenet, tnr, coco-caffe-ms-3x                               | imagenet    |
 | classes     | coco, person, person-bicycle-car                              | coco        |
+| era         | current, jan-2020 (the pre-PR-#2410 defaults; FPN with L1 only)  | current     |
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ AXES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "amp", "bf16"),
     "pretrain": ("imagenet", "tnr", "coco-caffe-ms-3x"),
     "classes": ("coco", "person", "person-bicycle-car"),
+    "era": ("current", "jan-2020"),
 }
 DEFAULT_AXES: dict[str, str] = {axis: values[0] for axis, values in AXES.items()}
 
@@ -184,6 +190,23 @@ def _data_and_schedule(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig
     return replace(cfg, data=data, schedule=sched, notes=tuple(notes))
 
 
+def _era(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
+    """`jan-2020`: the defaults before mmdet commit 990412ea (PR #2410, 2020-04-11), with which the
+    Jan-Feb 2020 checkpoints were most likely trained (reference 1.8; compatibility.md "Training
+    Hyperparameters"): smooth-L1 in the RPN (beta 1/9) and the RoI head (beta 1.0), RoIAlign
+    sample_num 2, 2000 training proposals after NMS, grad clip max_norm 35, warmup ratio 1/3."""
+    if a["era"] == "current":
+        return cfg
+    if a["neck"] != "fpn" or a["loss"] != "l1":
+        raise ConfigError(f"axes.era: {a['era']!r} recreates the 2020 FPN checkpoints' recipe (smooth-L1 losses); "
+                          f"it needs neck 'fpn' and loss 'l1', got neck {a['neck']!r}, loss {a['loss']!r}")
+    rpn = replace(cfg.rpn, loss_bbox="smooth_l1", loss_bbox_beta=1.0 / 9.0,
+                  train=replace(cfg.rpn.train, max_per_img=2000))
+    roi = replace(cfg.roi_head, loss_bbox="smooth_l1", loss_bbox_beta=1.0, sampling_ratio=2)
+    schedule = replace(cfg.schedule, grad_clip=35.0, warmup_ratio=1.0 / 3.0)
+    return replace(cfg, rpn=rpn, roi_head=roi, schedule=schedule)
+
+
 def _classes(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
     if a["classes"] == "coco":
         if a["pretrain"] == "coco-caffe-ms-3x":
@@ -214,9 +237,15 @@ def _quirk_notes(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
         notes.append("Q2: caffe normalisation as the v2 checkpoint was trained; the v3 config uses pytorch mean/std")
     jan_2020 = a["backbone"] in ("r50", "r101", "x101-32x4d", "x101-64x4d") and a["style"] == "pytorch"
     if jan_2020 and a["neck"] == "fpn" and a["schedule"] == "1x" and a["train_scale"] == "single" and a["loss"] == "l1" and a["pretrain"] == "imagenet":
-        # The Jan-Feb 2020 checkpoints predate PR #2410: smooth-L1, grad clip 35, 2000 proposals,
-        # RoIAlign sampling 2, warmup 1/3 (Q5). We train today's L1 config, as the README labels it.
-        notes.append("Q5: the published checkpoint predates the April-2020 defaults (smooth-L1, grad clip 35, 2000 proposals); this cell trains today's L1 recipe")
+        # The Jan-Feb 2020 checkpoints predate PR #2410 (Q5, reference 1.8).
+        if a["era"] == "current":
+            notes.append("Q5: the published checkpoint predates the April-2020 defaults (smooth-L1 with RPN beta 1/9, grad clip 35, "
+                         "2000 training proposals, RoIAlign sampling 2, warmup ratio 1/3); this cell trains today's L1 recipe "
+                         "(era jan-2020 trains the old defaults)")
+        else:
+            notes.append("Q5: trains the defaults the Jan-Feb 2020 checkpoint was most likely trained with (before mmdet PR #2410: "
+                         "smooth-L1 with RPN beta 1/9, grad clip 35, 2000 training proposals, RoIAlign sampling 2, warmup "
+                         "ratio 1/3), inferred from its date: confirm from the checkpoint's log.json (reference 1.8)")
     if a["precision"] == "amp":
         # The 2020 FP16 checkpoint used mmdet's FP16 hook with a static loss scale of 512 (reference 1.7).
         notes.append("FP16: published checkpoint trained with a static loss scale of 512; v3 AmpOptimWrapper (dynamic) is used here")
@@ -245,6 +274,7 @@ _STEPS: tuple[Callable[[DetectorConfig, dict[str, str]], DetectorConfig], ...] =
     _neck_and_heads,
     _loss,
     _data_and_schedule,
+    _era,
     _classes,
     _precision,
     _quirk_notes,

@@ -165,7 +165,8 @@ class StandardRoIHead(nn.Module):
             pred, target = self.coder.decode(rois[pos, 1:], pred), gt_boxes[pos]
         else:
             target = self.coder.encode(rois[pos, 1:], gt_boxes[pos])
-        loss_bbox = box_loss(self.cfg.loss_bbox, pred, target, avg_factor=avg_factor, loss_weight=self.cfg.loss_bbox_weight)
+        loss_bbox = box_loss(self.cfg.loss_bbox, pred, target, avg_factor=avg_factor, loss_weight=self.cfg.loss_bbox_weight,
+                             smooth_l1_beta=self.cfg.loss_bbox_beta)
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
 
     @torch.no_grad()

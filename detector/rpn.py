@@ -164,7 +164,8 @@ class RPNHead(nn.Module):
         avg_factor = max(cls_pred_t.numel(), 1)
         loss_cls = F.binary_cross_entropy_with_logits(cls_pred_t, cls_target_t, reduction="sum") / avg_factor
         loss_bbox = box_loss(
-            c.loss_bbox, torch.cat(box_pred), torch.cat(box_target), avg_factor=avg_factor, loss_weight=c.loss_bbox_weight
+            c.loss_bbox, torch.cat(box_pred), torch.cat(box_target), avg_factor=avg_factor, loss_weight=c.loss_bbox_weight,
+            smooth_l1_beta=c.loss_bbox_beta,
         )
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
 

@@ -72,6 +72,8 @@ def compose(axes: Mapping[str, str]) -> str:
         conventional = "ms-range" if (a["neck"] == "fpn" and schedule == "3x") else "ms-choice"
         prefix = "ms" if a["train_scale"] == conventional else a["train_scale"]
         schedule = f"{prefix}-{schedule}"
+    if a["era"] != "current":
+        schedule = f"{a['era']}-{schedule}"  # not an MMDetection name: those configs exist no more
     if a["precision"] != "fp32":
         schedule = f"{a['precision']}-{schedule}"
     parts.append(schedule)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from detector.config import ConfigError
@@ -59,8 +61,25 @@ def test_finetunes_and_quirk_notes() -> None:
     person = resolve({"style": "caffe", "train_scale": "ms-choice", "classes": "person", "pretrain": "coco-caffe-ms-3x"})
     assert person.num_classes == 1 and person.data.classes == ("person",) and person.load_from
     assert any(n.startswith("Q2") for n in resolve({"backbone": "r101", "style": "caffe", "schedule": "3x", "train_scale": "ms-range"}).notes)
-    assert any(n.startswith("Q5") for n in resolve({}).notes)
+    assert any(n.startswith("Q5") and "trains today's L1 recipe" in n for n in resolve({}).notes)
     assert not any(n.startswith("Q5") for n in resolve({"schedule": "2x"}).notes)
+
+
+def test_era_jan_2020_trains_the_pre_2410_defaults() -> None:
+    """Reference 1.8: what mmdet PR #2410 changed, back as the Jan-Feb 2020 checkpoints were trained."""
+    today, old = resolve({}), resolve({"era": "jan-2020"})
+    assert (today.rpn.loss_bbox, today.roi_head.loss_bbox, today.roi_head.sampling_ratio) == ("l1", "l1", 0)
+    assert (today.rpn.train.max_per_img, today.schedule.grad_clip, today.schedule.warmup_ratio) == (1000, None, 0.001)
+    assert (old.rpn.loss_bbox, old.rpn.loss_bbox_beta) == ("smooth_l1", pytest.approx(1 / 9))
+    assert (old.roi_head.loss_bbox, old.roi_head.loss_bbox_beta, old.roi_head.sampling_ratio) == ("smooth_l1", 1.0, 2)
+    assert (old.rpn.train.nms_pre, old.rpn.train.max_per_img, old.rpn.test) == (2000, 2000, today.rpn.test)
+    assert (old.schedule.grad_clip, old.schedule.warmup_ratio) == (35.0, pytest.approx(1 / 3))
+    assert any(n.startswith("Q5") and "log.json" in n for n in old.notes)
+    # nothing else moves: the same model, data and optimiser otherwise
+    same = ("backbone", "neck", "normalize", "data", "num_classes", "precision", "pretrained")
+    assert all(getattr(today, f) == getattr(old, f) for f in same)
+    assert replace(old.schedule, grad_clip=None, warmup_ratio=0.001) == today.schedule
+    assert resolve({"era": "jan-2020", "backbone": "x101-64x4d", "precision": "amp"}).rpn.loss_bbox == "smooth_l1"
 
 
 @pytest.mark.parametrize(
@@ -70,6 +89,9 @@ def test_finetunes_and_quirk_notes() -> None:
         ({"loss": "diou"}, r"axes.loss: 'diou' is not allowed; allowed: l1, smooth-l1"),
         ({"backbone": "x101-32x4d", "style": "caffe"}, "'caffe' is not available"),
         ({"neck": "c4"}, "published only for backbone 'r50' in style 'caffe'"),
+        ({"era": "2019"}, r"axes.era: '2019' is not allowed; allowed: current, jan-2020"),
+        ({"era": "jan-2020", "loss": "giou"}, r"axes.era: 'jan-2020' .* needs neck 'fpn' and loss 'l1', got neck 'fpn', loss 'giou'"),
+        ({"era": "jan-2020", "style": "caffe", "neck": "dc5"}, r"axes.era: 'jan-2020' .* got neck 'dc5'"),
     ],
 )
 def test_impossible_cells_are_clear_errors(axes: dict[str, str], message: str) -> None:

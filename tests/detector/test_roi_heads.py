@@ -69,6 +69,22 @@ def test_empty_targets_give_zero_box_loss() -> None:
     assert losses["loss_cls"].item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=0.05)
 
 
+def test_smooth_l1_beta_reaches_the_box_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    import detector.roi_heads
+
+    seen: list[tuple[str, float]] = []
+    real = detector.roi_heads.box_loss
+
+    def spy(name: str, *args: object, smooth_l1_beta: float = 1.0, **kw: object) -> torch.Tensor:
+        seen.append((name, smooth_l1_beta))
+        return real(name, *args, smooth_l1_beta=smooth_l1_beta, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(detector.roi_heads, "box_loss", spy)
+    targets = [{"boxes": torch.tensor([[0.0, 0, 30, 30]]), "labels": torch.tensor([1])}] * 2
+    losses = _head(loss_bbox="smooth_l1", loss_bbox_beta=0.5).train().loss(_feats(), _rois(), targets)
+    assert seen == [("smooth_l1", 0.5)] and losses["loss_bbox"].item() > 0
+
+
 def test_class_major_regression_selects_own_class() -> None:
     head = _head()
     reg = torch.arange(24.0).view(2, 12)

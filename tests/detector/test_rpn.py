@@ -70,6 +70,25 @@ def test_losses_are_averaged_over_sampled_anchors() -> None:
     assert losses["loss_rpn_bbox"].item() > 0
 
 
+def test_smooth_l1_beta_reaches_the_box_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-#2410 RPN uses smooth-L1 with beta 1/9 (reference 1.8): the config's beta is the one used."""
+    import detector.rpn
+
+    seen: list[tuple[str, float]] = []
+    real = detector.rpn.box_loss
+
+    def spy(name: str, *args: object, smooth_l1_beta: float = 1.0, **kw: object) -> torch.Tensor:
+        seen.append((name, smooth_l1_beta))
+        return real(name, *args, smooth_l1_beta=smooth_l1_beta, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(detector.rpn, "box_loss", spy)
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([0])}] * 2
+    sizes = torch.tensor([[64, 96], [64, 96]])
+    torch.manual_seed(0)
+    _, losses = _head(loss_bbox="smooth_l1", loss_bbox_beta=1 / 9).train()(_feats(), sizes, sizes, targets)
+    assert seen == [("smooth_l1", pytest.approx(1 / 9))] and torch.isfinite(losses["loss_rpn_bbox"])
+
+
 def test_topk_per_image() -> None:
     keep = torch.tensor([4, 0, 3, 1, 2, 5])  # indices sorted by score
     image_ids = torch.tensor([1, 0, 1, 0, 1, 0])  # image of each index

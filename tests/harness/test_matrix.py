@@ -294,6 +294,19 @@ def test_yaml_include_exclude_on_real_axes(tmp_path: Path) -> None:
     assert list(spec.profiles) == ["smoke", "ci", "full", "p"]  # inherited + declared
 
 
+def test_jan_2020_matrix_pairs_each_q5_row_with_its_published_numbers(spec: MatrixSpec) -> None:
+    """matrices/faster_rcnn_jan2020.yaml: the five Jan-Feb 2020 rows (Q5) in their training-era recipe."""
+    old = load_matrix("faster_rcnn_jan2020")
+    q5 = [c for c in spec.cells if any(n.startswith("Q5") for n in resolve(dict(c.axes)).notes)]
+    assert len(q5) == len(old.cells) == 5
+    today_by_axes = {tuple(sorted({**c.axes, "era": "jan-2020"}.items())): c for c in q5}
+    for then in old.cells:
+        today = today_by_axes.pop(tuple(sorted(then.axes.items())))  # the same row, era aside
+        assert today.axes["era"] == "current" and then.published == today.published
+        assert resolve(dict(then.axes)).rpn.loss_bbox == "smooth_l1"
+    assert old.profile("smoke") == spec.profile("smoke")  # inherited
+
+
 def test_user_sweep_2x2_loads_and_inherits_profiles() -> None:
     spec = load_matrix(str(RESOURCES / "sweep_2x2.yaml"))
     assert spec.name == "sweep_2x2" and spec.title == "Backbone x box loss sweep" and spec.tables == ()

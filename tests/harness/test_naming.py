@@ -32,6 +32,9 @@ def test_compose_gives_every_regular_seed_name() -> None:
         ({"train_scale": "ms-range"}, "faster-rcnn_r50_fpn_ms-range-1x_coco"),
         ({"precision": "bf16", "loss": "giou"}, "faster-rcnn_r50_fpn_giou_bf16-1x_coco"),
         ({"classes": "person"}, "faster-rcnn_r50-imagenet-pre_fpn_1x_coco-person"),
+        # the 2020 defaults (Q5) have no MMDetection name any more; the era prefixes the schedule
+        ({"era": "jan-2020"}, "faster-rcnn_r50_fpn_jan-2020-1x_coco"),
+        ({"era": "jan-2020", "precision": "amp"}, "faster-rcnn_r50_fpn_amp-jan-2020-1x_coco"),
     ],
 )
 def test_compose_grammar(axes: dict[str, str], name: str) -> None:
