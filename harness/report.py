@@ -46,8 +46,10 @@ QUIRKS: dict[str, str] = {
     "Q2": "v3 `faster-rcnn_r101-caffe_fpn_ms-3x_coco.py` feeds caffe weights pytorch-normalised RGB images; the "
           "published checkpoint was trained with caffe normalisation (BGR, std 1), which this cell keeps (reference §5 Q2).",
     "Q5": "The January-February 2020 1x checkpoints predate MMDetection PR #2410: smooth-L1 losses, grad clip 35, "
-          "2000 training proposals, RoIAlign sampling 2, warmup ratio 1/3. These cells train today's L1 recipe, as the "
-          "table labels it, so a few tenths of AP either way are expected (reference §5 Q5, §1.8).",
+          "2000 training proposals, RoIAlign sampling 2, warmup ratio 1/3. The cells of `matrices/faster_rcnn.yaml` "
+          "train today's L1 recipe, as the table labels it, so a few tenths of AP either way are expected; the cells of "
+          "`matrices/faster_rcnn_jan2020.yaml` (axis `era: jan-2020`) train those old defaults instead "
+          "(reference §5 Q5, §1.8).",
     "FP16": "The published FP16 checkpoint was trained with mmdet's 2020 FP16 hook and a static loss scale of 512, and "
             "its fps measured on an FP16-wrapped model; this cell uses autocast with a dynamic loss scale, as v3's "
             "AmpOptimWrapper does (reference §1.7).",
