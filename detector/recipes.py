@@ -236,16 +236,18 @@ def _quirk_notes(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
         # published checkpoint was trained with caffe normalisation, which we keep (Q2).
         notes.append("Q2: caffe normalisation as the v2 checkpoint was trained; the v3 config uses pytorch mean/std")
     jan_2020 = a["backbone"] in ("r50", "r101", "x101-32x4d", "x101-64x4d") and a["style"] == "pytorch"
-    if jan_2020 and a["neck"] == "fpn" and a["schedule"] == "1x" and a["train_scale"] == "single" and a["loss"] == "l1" and a["pretrain"] == "imagenet":
-        # The Jan-Feb 2020 checkpoints predate PR #2410 (Q5, reference 1.8).
-        if a["era"] == "current":
-            notes.append("Q5: the published checkpoint predates the April-2020 defaults (smooth-L1 with RPN beta 1/9, grad clip 35, "
-                         "2000 training proposals, RoIAlign sampling 2, warmup ratio 1/3); this cell trains today's L1 recipe "
-                         "(era jan-2020 trains the old defaults)")
-        else:
-            notes.append("Q5: trains the defaults the Jan-Feb 2020 checkpoint was most likely trained with (before mmdet PR #2410: "
-                         "smooth-L1 with RPN beta 1/9, grad clip 35, 2000 training proposals, RoIAlign sampling 2, warmup "
-                         "ratio 1/3), inferred from its date: confirm from the checkpoint's log.json (reference 1.8)")
+    jan_2020_row = (jan_2020 and a["neck"] == "fpn" and a["schedule"] == "1x" and a["train_scale"] == "single"
+                    and a["loss"] == "l1" and a["pretrain"] == "imagenet")  # fmt: skip
+    # The Jan-Feb 2020 checkpoints predate PR #2410 (Q5, reference 1.8). Any `era: jan-2020` cell
+    # says so, whichever row it is: it does not train today's config of its name.
+    if a["era"] == "jan-2020":
+        notes.append("Q5: trains mmdet's defaults from before PR #2410 (smooth-L1 with RPN beta 1/9, grad clip 35, 2000 "
+                     "training proposals, RoIAlign sampling 2, warmup ratio 1/3), with which the Jan-Feb 2020 1x checkpoints "
+                     "were most likely trained, inferred from their dates: confirm from a checkpoint's log.json (reference 1.8)")
+    elif jan_2020_row:
+        notes.append("Q5: the published checkpoint predates the April-2020 defaults (smooth-L1 with RPN beta 1/9, grad clip 35, "
+                     "2000 training proposals, RoIAlign sampling 2, warmup ratio 1/3); this cell trains today's L1 recipe "
+                     "(era jan-2020 trains the old defaults)")
     if a["precision"] == "amp":
         # The 2020 FP16 checkpoint used mmdet's FP16 hook with a static loss scale of 512 (reference 1.7).
         notes.append("FP16: published checkpoint trained with a static loss scale of 512; v3 AmpOptimWrapper (dynamic) is used here")
