@@ -1,12 +1,17 @@
-"""Sessions: `nox -s tests`, `nox -s reproduce -- faster_rcnn`, `nox -s regression`, `nox -s bench`.
+"""Sessions: `nox -s tests`, `nox -s reproduce -- faster_rcnn`, `nox -s regression`, `nox -s bench`,
+`nox -s tests-oldest` (the oldest supported torch / torchvision pair).
 
 uv installs the torch / torchvision pair from the registry (it ignores a stray local CPU torch wheel
-that breaks torchvision's ops) and the environments are reused between runs.
+that breaks torchvision's ops) and the environments are reused between runs. `pip install "nox[uv]"`
+brings both; without uv the sessions stop with one line saying so (pip's resolver would pick that
+stray wheel on some machines, so there is deliberately no virtualenv fallback).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 import nox
 
@@ -15,19 +20,44 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]
 
 PYTHON = os.environ.get("HARNESS_NOX_PYTHON") or None
+# The oldest pair the project supports, and the lower bound in pyproject.toml: `nox -s tests-oldest`
+# proves it in CI. It is also the GPU machine's pair (../shared/GPU.md).
+OLDEST = ("torch==2.11.0", "torchvision==0.26.0")
 
 
-def _install(session: nox.Session, *groups: str) -> None:
-    """Install the project (editable) and the named dependency groups.
+def _have_uv() -> bool:
+    try:
+        import uv  # noqa: F401 - the `nox[uv]` extra ships the binary as a Python package
+
+        return True
+    except ImportError:
+        return shutil.which("uv") is not None
+
+
+if not _have_uv():
+    sys.exit('nox: this project\'s sessions need uv: pip install "nox[uv]" (or pip install uv), then run nox again')
+
+
+def _install(session: nox.Session, *groups: str, extras: str = "", pins: tuple[str, ...] = ()) -> None:
+    """Install the project (editable), its `extras`, the named dependency groups and any `pins`.
+
+    The first install downloads torch with its CUDA libraries from the registry (about 3 GB, ~5.5 GB
+    on disk); uv says nothing while it downloads, so we say it once here.
 
     uv compiles the installed packages to bytecode: every cell of a matrix is its own Python process,
     and where `PYTHONDONTWRITEBYTECODE` is set (this machine sets it) an uncompiled torch +
     torchvision costs each of them ~3 s of `compile()` at import (5.4 s -> 2.4 s measured on 2 cores).
     """
-    args = ["-e", "."]
+    marker = os.path.join(session.virtualenv.location, ".harness-installed")
+    if not os.path.exists(marker):
+        session.log("first install of this environment: torch + torchvision with their CUDA libraries, about "
+                    "3 GB to download (README: 'Install size'); later runs reuse it")
+    args = ["-e", f".[{extras}]" if extras else "."]
     for group in groups:
         args += ["--group", group]
-    session.install(*args, env={"UV_COMPILE_BYTECODE": "1"})
+    session.install(*args, *pins, env={"UV_COMPILE_BYTECODE": "1"})
+    with open(marker, "w"):
+        pass
 
 
 @nox.session(python=PYTHON)
@@ -37,10 +67,18 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session(python=PYTHON, name="tests-oldest")
+def tests_oldest(session: nox.Session) -> None:
+    """The test suite on the oldest supported torch / torchvision pair (pyproject's lower bound)."""
+    _install(session, "test", pins=OLDEST)
+    session.run("python", "-c", "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)")
+    session.run("pytest", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def reproduce(session: nox.Session) -> None:
     """Run a matrix, regenerate its page and print the comparison: `nox -s reproduce -- faster_rcnn`."""
-    _install(session)
+    _install(session, extras="cluster")  # so that `--executor submitit` works here too
     args = session.posargs or ["faster_rcnn"]
     session.run("harness", "reproduce", *args)
 

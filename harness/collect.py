@@ -22,7 +22,7 @@ from detector.recipes import resolve
 from harness.errors import UserError
 from harness.matrix import Cell, MatrixSpec
 from harness.runs import cell_dir, iter_results
-from harness.verdicts import judge, profile_reason, quirk_ids
+from harness.verdicts import Scope, judge, quirk_ids, scope_of
 
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
 COLUMNS: tuple[str, ...] = (
@@ -53,7 +53,7 @@ def collect(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
         of strings; `seed` is a nullable integer (NA on the "not run" placeholder rows).
     """
     prof = matrix.profile(profile)
-    not_comparable = profile_reason(prof)
+    scope = scope_of(prof)
     by_cell: dict[str, list[dict[str, Any]]] = {c.name: [] for c in matrix.cells}
     for result in iter_results(Path(runs_dir), matrix.name, profile):
         name = str(result.get("name", ""))
@@ -74,7 +74,7 @@ def collect(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
         for result in results:
             seed = int(result.get("seed", 0))
             run_dir = cell_dir(Path(runs_dir), matrix.name, profile, cell.name, seed)
-            rows.append(_row(cell, profile, result, run_dir, not_comparable, matrix))
+            rows.append(_row(cell, profile, result, run_dir, scope, matrix))
     frame = pd.DataFrame(rows)
     axes = sorted({a for c in matrix.cells for a in c.axes})
     for col in (*COLUMNS, *axes):
@@ -149,7 +149,7 @@ def _placeholder(cell: Cell, profile: str, why: str) -> dict[str, Any]:
     }
 
 
-def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, not_comparable: str | None, matrix: MatrixSpec) -> dict[str, Any]:
+def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope: Scope, matrix: MatrixSpec) -> dict[str, Any]:
     metrics: dict[str, Any] = result.get("metrics") or {}
     prov: dict[str, Any] = result.get("provenance") or {}
     versions: dict[str, Any] = prov.get("versions") or {}
@@ -196,28 +196,26 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, not_co
         "finished_at": prov.get("finished_at"),
         "run_dir": str(run_dir),
     }
-    if box_ap is not None and cell.published.box_ap is not None:
+    # A delta only where AP is compared: -35.6 beside a 12-iteration smoke run reads like a result.
+    if box_ap is not None and cell.published.box_ap is not None and "box_ap" in scope.metrics:
         row["delta_box_ap"] = round(box_ap - cell.published.box_ap, 3)
-    row["verdict"], row["verdict_reason"] = _run_verdict(row, cell, status, not_comparable, matrix)
+    row["verdict"], row["verdict_reason"] = _run_verdict(row, cell, status, scope, matrix)
     return row
 
 
-def _run_verdict(row: dict[str, Any], cell: Cell, status: str, not_comparable: str | None, matrix: MatrixSpec) -> tuple[str, str]:
+def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, matrix: MatrixSpec) -> tuple[str, str]:
     """The verdict of a single run (one seed); `harness.compare` judges a cell over its seeds."""
     if status == "skipped":
         return "not run", f"skipped: {row['reason'] or 'no reason given'}"
     if status != "ok":
         # A crash or a non-finite loss is a failure whatever the profile: the cell does not work.
         return "fail", f"run failed: {_last_line(row['error'])}"
-    if not_comparable:
-        return "not comparable", not_comparable
-    if row["eval_split"] and row["eval_split"] != "val2017":
-        return "not comparable", f"evaluated on the {row['eval_split']} split, the published numbers are on val2017"
     ap = row["box_ap"]
     verdict, _, reasons = judge(
-        ap_low=ap, ap_high=ap, mem_gb=row["mem_gb"], mem_kind=row["mem_kind"], fps=row["fps"],
-        device_class=row["device_class"], published=cell.published, tolerances=matrix.tolerances,
-    )
+        scope=scope, ap_low=ap, ap_high=ap, mem_gb=row["mem_gb"], mem_kind=row["mem_kind"], fps=row["fps"],
+        device_class=row["device_class"], eval_split=row["eval_split"], published=cell.published,
+        tolerances=matrix.tolerances,
+    )  # fmt: skip
     return verdict, "; ".join(reasons)
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from harness.collect import collect
 from harness.matrix import MatrixSpec
-from harness.verdicts import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS, VERDICTS, interval95, judge, profile_reason
+from harness.verdicts import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS, VERDICTS, Scope, interval95, judge, scope_of
 
 COMPARE_COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "status", "n_seeds", "n_failed",
@@ -43,8 +43,8 @@ def compare_frame(runs: pd.DataFrame, matrix: MatrixSpec, profile: str) -> pd.Da
       or no metric of the cell has a published value to compare with;
     - otherwise the worst of AP (interval rule), Mem and fps (`harness.verdicts.judge`).
     """
-    not_comparable = profile_reason(matrix.profile(profile))
-    out = [_cell_row(runs[runs["name"] == cell.name], cell, profile, not_comparable, matrix) for cell in matrix.cells]
+    scope = scope_of(matrix.profile(profile))
+    out = [_cell_row(runs[runs["name"] == cell.name], cell, profile, scope, matrix) for cell in matrix.cells]
     return pd.DataFrame(out, columns=list(COMPARE_COLUMNS))
 
 
@@ -92,7 +92,7 @@ def comparison_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return records
 
 
-def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, not_comparable: str | None, matrix: MatrixSpec) -> dict[str, Any]:
+def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix: MatrixSpec) -> dict[str, Any]:
     pub = cell.published
     ok = rows[rows["status"] == "ok"]
     failed = rows[~rows["status"].isin(["ok", "skipped", "not run"])]
@@ -110,14 +110,14 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, not_comparable: str |
     if aps:
         mean, std, low, high = interval95(aps)
         out.update(box_ap=round(mean, 3), box_ap_std=std, ci95_low=low, ci95_high=high)
-        if pub.box_ap is not None:
+        if pub.box_ap is not None and "box_ap" in scope.metrics:
             out["delta_box_ap"] = round(mean - pub.box_ap, 3)
     mems = [float(x) for x in ok["mem_gb"] if _finite(x)]
     kinds = set(ok["mem_kind"].dropna())
     out["mem_kind"] = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
     if mems:
         out["mem_gb"] = sum(mems) / len(mems)
-        if pub.mem_gb is not None:
+        if pub.mem_gb is not None and out["mem_kind"] == COMPARABLE_MEM_KIND:
             out["delta_mem"] = out["mem_gb"] - pub.mem_gb
             out["delta_mem_rel"] = out["delta_mem"] / pub.mem_gb
     fpss = [float(x) for x in ok["fps"] if _finite(x)]
@@ -129,27 +129,22 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, not_comparable: str |
     splits = set(ok["eval_split"].dropna())
     out["eval_split"] = ", ".join(sorted(splits)) or None
 
-    verdict: str = "not run"
-    reasons: list[str] = []
-    if len(ok):
-        verdict, per_metric, reasons = judge(
-            ap_low=low, ap_high=high, mem_gb=out.get("mem_gb"), mem_kind=out["mem_kind"], fps=out.get("fps"),
-            device_class=out["device_class"], published=pub, tolerances=matrix.tolerances,
-        )
-        out.update(ap_verdict=per_metric["box_ap"], mem_verdict=per_metric["mem"], fps_verdict=per_metric["fps"])
-    if len(failed):
+    if len(failed):  # precedence: a crash fails the cell whatever the profile, then nothing finished
         why = failed["verdict_reason"].iloc[-1]
         out.update(verdict="fail", reason=f"{len(failed)} of {len(failed) + len(ok)} seed(s) failed; {why}")
     elif not len(ok):
         out.update(verdict="not run", reason=rows["verdict_reason"].iloc[0] if len(rows) else "no result.json yet")
-    elif not_comparable:
-        out.update(verdict="not comparable", reason=not_comparable)
-    elif splits - {"val2017"}:
-        out.update(verdict="not comparable", reason=f"evaluated on the {out['eval_split']} split, the published numbers are on val2017")
-    else:
-        if len(aps) > 1:
-            reasons.insert(0, f"AP 95% interval [{low:.2f}, {high:.2f}] over {len(aps)} seeds")
-        out.update(verdict=verdict, reason="; ".join(reasons))
+    if len(ok):
+        verdict, per_metric, reasons = judge(
+            scope=scope, ap_low=low, ap_high=high, mem_gb=out.get("mem_gb"), mem_kind=out["mem_kind"],
+            fps=out.get("fps"), device_class=out["device_class"], eval_split=out["eval_split"], published=pub,
+            tolerances=matrix.tolerances,
+        )  # fmt: skip
+        out.update(ap_verdict=per_metric["box_ap"], mem_verdict=per_metric["mem"], fps_verdict=per_metric["fps"])
+        if not len(failed):
+            if len(aps) > 1 and per_metric["box_ap"] != "not comparable":
+                reasons.insert(0, f"AP 95% interval [{low:.2f}, {high:.2f}] over {len(aps)} seeds")
+            out.update(verdict=verdict, reason="; ".join(reasons))
     return out
 
 

@@ -320,6 +320,13 @@ def make_executor(
     if kind == "local":
         return LocalExecutor()
     if kind == "submitit":
+        import importlib.util
+
+        if importlib.util.find_spec("submitit") is None:
+            raise UserError(
+                "--executor submitit: submitit is not installed here; pip install 'frcnn-harness[cluster]' "
+                "(nox -s reproduce installs it)"
+            )
         return SubmititExecutor(
             folder=folder,
             cluster=cluster or os.environ.get("HARNESS_SUBMITIT_CLUSTER") or None,

@@ -34,7 +34,7 @@ DEFAULT_MATRIX = "faster_rcnn"
 METRIC_COLUMNS: dict[str, str] = {"Mem (GB)": "mem_gb", "Inf time (fps)": "fps", "box AP": "box_ap"}
 DERIVED_COLUMNS = ("Config", "Download")
 NOT_PUBLISHED = ("-", "")  # how the seed prints a missing number
-COMPARE_MODES = ("none", "baselines", "published")
+COMPARE_MODES = ("none", "baselines", "hardware", "published")
 NO_SECTION = "cells"  # section of a cell that appears in no table
 
 

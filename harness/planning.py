@@ -46,17 +46,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_coco_root(root: Path, what: str) -> Path:
-    """`root` made absolute, if it holds a COCO-2017 train split; UserError naming what is missing."""
+def check_coco_root(root: Path, what: str, *, need: str = "train") -> Path:
+    """`root` made absolute, if it holds what is needed; UserError naming what is missing.
+
+    need="train": the train split (training runs); need="eval": a split to evaluate on, val2017
+    preferred, else train2017 (`harness verify` needs no 18 GB train split).
+    """
     root = Path(root).expanduser().resolve()
+    holds = f"a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/"
+    if need == "eval":
+        holds = f"a COCO-2017 root to evaluate on holds {VAL_ANN} and {VAL_IMAGES}/ (or {TRAIN_ANN} and {TRAIN_IMAGES}/)"
     if not root.is_dir():
-        raise UserError(f"{what} {root}: no such folder; a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/")
-    missing = [TRAIN_ANN] if not (root / TRAIN_ANN).is_file() else []
-    missing += [f"{TRAIN_IMAGES}/"] if not (root / TRAIN_IMAGES).is_dir() else []
-    if missing:
-        holds = f"a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/"
-        raise UserError(f"{what} {root}: missing {' and '.join(missing)} ({holds})")
-    return root
+        raise UserError(f"{what} {root}: no such folder; {holds}")
+    splits = [(TRAIN_ANN, TRAIN_IMAGES)] if need == "train" else [(VAL_ANN, VAL_IMAGES), (TRAIN_ANN, TRAIN_IMAGES)]
+    for ann, images in splits:
+        if (root / ann).is_file() and (root / images).is_dir():
+            return root
+    ann, images = splits[0]
+    missing = [ann] if not (root / ann).is_file() else []
+    missing += [f"{images}/"] if not (root / images).is_dir() else []
+    raise UserError(f"{what} {root}: missing {' and '.join(missing)} ({holds})")
 
 
 def synthetic_root(runs_dir: Path, *, images: int, seed: int) -> Path:
@@ -177,6 +186,45 @@ def build_problem(cfg: DetectorConfig) -> str | None:
     return None
 
 
+def check_pretrained_files(pretrained: dict[str, Path]) -> None:
+    """Each `--pretrained NAME=PATH` resolves to a file now (a folder must hold the expected file)."""
+    from detector.weights import PRETRAINED, WeightsError, resolve_local
+
+    for name, path in pretrained.items():
+        if name not in PRETRAINED:
+            continue  # a `load_from` checkpoint name: the file itself, checked when it is read
+        try:
+            resolve_local(name, path)
+        except WeightsError as exc:
+            raise UserError(f"--pretrained {name}={path}: {exc}") from None
+
+
+def missing_initialisation(cells: Sequence[tuple[str, DetectorConfig]], pretrained: dict[str, Path]) -> None:
+    """UserError naming every published initialisation of `cells` that has no local file.
+
+    A cell needs its `load_from` checkpoint if it has one (it overwrites the backbone), else its
+    ImageNet `pretrained` backbone.
+    """
+    from detector.weights import PRETRAINED
+
+    need: dict[str, list[str]] = {}
+    for name, cfg in cells:
+        wanted = cfg.load_from or cfg.pretrained
+        if wanted and wanted not in pretrained:
+            need.setdefault(wanted, []).append(name)
+    if not need:
+        return
+    parts = []
+    for weight, names in need.items():
+        file = f" (file {PRETRAINED[weight].file})" if weight in PRETRAINED else ""
+        parts.append(f"{weight}{file} for {len(names)} cell(s), e.g. {names[0]}")
+    raise UserError(
+        "these cells would train from random weights, which cannot reproduce the published numbers: "
+        + "; ".join(parts) + ". Give --pretrained NAME=FILE (a file, or a folder holding it) for each, "
+        "or --allow-random-init to train from random weights on purpose (recorded as a deviation)"
+    )
+
+
 def plan_run(
     matrix: MatrixSpec,
     profile: Profile,
@@ -187,8 +235,14 @@ def plan_run(
     data_root: Path,
     device: str,
     pretrained: dict[str, Path],
+    require_pretrained: bool = False,
 ) -> list[CellJob]:
-    """One `CellJob` per (cell, seed), in matrix order then seed order."""
+    """One `CellJob` per (cell, seed), in matrix order then seed order.
+
+    With `require_pretrained` (a profile compared with the published numbers) a cell whose published
+    initialisation has no local file is refused here, before anything runs: days of GPU time from a
+    random-initialised backbone cannot reproduce a number trained from ImageNet weights.
+    """
     from detector.recipes import resolve
 
     check_name("matrix", matrix.name)
@@ -206,6 +260,9 @@ def plan_run(
     if unknown:
         names = ", ".join(sorted(used)) or "none"
         raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {names}")
+    check_pretrained_files(pretrained)
+    if require_pretrained:
+        missing_initialisation([(cell.name, cfg) for cell, cfg, _p in resolved if cfg is not None], pretrained)
     jobs: list[CellJob] = []
     for cell, cfg, problem in resolved:
         for seed in seeds:
@@ -239,14 +296,17 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     runs_dir = runs_dir_of(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     pretrained = parse_pretrained(args.pretrained)
-    data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
-    jobs = plan_run(
-        matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device,
-        pretrained=pretrained,
-    )  # fmt: skip
+    # The executor first: a missing submitit is refused before any data is made or any cell starts.
     executor = make_executor(
         args.executor, folder=runs_dir / "_submitit" / matrix.name / profile.name, nproc_per_cell=args.nproc_per_cell,
         device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
+    )  # fmt: skip
+    data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
+    # Compared with the published numbers: the published initialisation, unless refused on purpose.
+    require = profile.compare == "published" and not getattr(args, "allow_random_init", False)
+    jobs = plan_run(
+        matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device,
+        pretrained=pretrained, require_pretrained=require,
     )  # fmt: skip
     where = profile_dir(runs_dir, matrix.name, profile.name)
     log(f"{matrix.name} / {profile.name}: {len(cells)} cells x {len(seeds)} seed(s) on {device} "
@@ -265,10 +325,12 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
 
 __all__ = [
     "build_problem",
+    "check_pretrained_files",
     "check_coco_root",
     "dataset_root",
     "default_device",
     "execute_run",
+    "missing_initialisation",
     "parse_pretrained",
     "plan_run",
     "run_config",

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,15 @@ import pytest
 
 from harness.cli import COMMANDS, main
 
-COCO128 = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128"
 R50 = "faster-rcnn_r50_fpn_1x_coco"
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated COCO-2017 root (2 images): the tests never need ../shared."""
+    from detector.synth import make_synthetic_coco
+
+    return make_synthetic_coco(tmp_path_factory.mktemp("coco") / "root", images=2, seed=0)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -41,12 +49,15 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["run", "faster_rcnn", "--pretrained", "resnet50.pth"], "NAME=FILE"),
         (["describe", "faster-rcnn_r18_fpn_1x_coco"], "faster-rcnn_r18_fpn_1x_coco"),
         (["eval", "--ann", "missing_gt.json", "--dets", "missing_dets.json"], "missing_gt.json"),
-        (["verify", R50, "--checkpoint", "nope.pth", "--data", str(COCO128)], "nope.pth"),
+        (["verify", R50, "--checkpoint", "nope.pth", "--data", "COCO_ROOT"], "nope.pth"),
         (["data"], "ACTION"),
         (["frobnicate"], "frobnicate"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], expected: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, coco_root: Path, args: list[str], expected: str
+) -> None:
+    args = [str(coco_root) if a == "COCO_ROOT" else a for a in args]
     argv = [*args, "--runs-dir", str(tmp_path)] if args[0] == "run" else args
     assert expected in _error_line(capsys, argv)
     assert not any(tmp_path.iterdir())  # nothing was written before the error
@@ -133,7 +144,7 @@ def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, coco_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import detector.measure
     import detector.weights
@@ -154,10 +165,10 @@ def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
     assert json.loads(capsys.readouterr().out) == {"fps": 1.5, "device": "cpu"}
     ckpt = tmp_path / "r50.pth"
     ckpt.write_bytes(b"x")
-    assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(COCO128), "--device", "cpu", "--max-images", "4"]) == 0
+    assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(coco_root), "--device", "cpu", "--max-images", "4"]) == 0
     assert "37.4" in capsys.readouterr().out
     assert calls[0] == (R50, {"device": "cpu", "images": 3})
-    assert calls[1] == (R50, {"checkpoint": ckpt, "data_root": COCO128.resolve(), "device": "cpu", "max_images": 4})
+    assert calls[1] == (R50, {"checkpoint": ckpt, "data_root": coco_root.resolve(), "device": "cpu", "max_images": 4})
 
 
 TINY = """\
@@ -181,8 +192,11 @@ def _tiny(tmp_path: Path) -> list[str]:
     return [str(matrix), "--profile", "tiny", "--runs-dir", str(tmp_path / "runs")]
 
 
-def _harness(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=600)
+def _harness(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=600,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -208,7 +222,9 @@ def test_reproduce_one_real_cell_then_the_ledger_skips_it(tmp_path: Path) -> Non
 def test_run_one_real_cell_through_submitit(tmp_path: Path) -> None:
     pytest.importorskip("submitit")
     base = _tiny(tmp_path)
-    proc = _harness("run", *base, "--executor", "submitit")
+    # submitit's own local cluster, never a Slurm the test machine may know (srun/sbatch on PATH would
+    # make AutoExecutor submit real jobs from a test).
+    proc = _harness("run", *base, "--executor", "submitit", env={"HARNESS_SUBMITIT_CLUSTER": "local"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "result.json").read_text())
     assert result["status"] == "ok" and result["metrics"]["iters"] == 1
@@ -222,3 +238,26 @@ def test_run_one_real_cell_with_two_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "result.json").read_text())
     assert result["status"] == "ok" and result["provenance"]["world_size"] == 2 and result["metrics"]["total_batch"] == 4
+
+
+def test_every_option_and_argument_has_help_text() -> None:
+    import argparse
+
+    from harness.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> list[str]:
+        bare: list[str] = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    bare += walk(sub, f"{where} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                bare.append(f"{where}: {action.option_strings or action.dest}")
+        return bare
+
+    assert walk(build_parser(), "harness") == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("harness ")

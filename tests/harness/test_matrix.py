@@ -386,7 +386,7 @@ BASE = "axes: {backbone: [r50]}\n"
                 "[{cell: faster-rcnn_r50_fpn_1x_coco, labels: {Style: x}, printed: {box AP: '1'}}]}]\n",
          ["unknown key 'Style'", "allowed: Backbone"]),
         (BASE + "profiles: {smoke: {max_iters: ten}}\n", ["field 'profiles.smoke.max_iters'", "expected an integer"]),
-        (BASE + "profiles: {smoke: {compare: always}}\n", ["field 'profiles.smoke.compare'", "allowed: none, baselines, published"]),
+        (BASE + "profiles: {smoke: {compare: always}}\n", ["field 'profiles.smoke.compare'", "allowed: none, baselines, hardware, published"]),
         (BASE + "profiles: {new: {max_iters: 3}}\n", ["field 'profiles.new'", "missing fields", "allowed: data, compare"]),
         (BASE + "profiles: {x: {extends: nope}}\n", ["field 'profiles.x.extends'", "unknown profile 'nope'", "allowed: smoke, ci, full"]),
         (BASE + "profiles: {smoke: {cells: [r18*]}}\n", ["field 'profiles.smoke.cells'", "no cell matches 'r18*'"]),
