@@ -229,11 +229,20 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         "fps": fps["fps"], "fps_images": fps["images"], "fps_precision": fps["precision"],
         "iters": result.iters, "epochs": round(result.epochs, 4), "train_time_s": round(result.train_time_s, 3),
         "eval_time_s": round(eval_time, 3), "final_loss": result.final_loss, "first_loss": result.first_loss,
+        # Training throughput, data loading included (the whole loop), over all ranks: what a full
+        # recipe's cost is estimated from (`harness estimate`).
+        "train_images_per_s": _rate(result.iters * total_batch, result.train_time_s),
+        "s_per_iter": round(result.train_time_s / result.iters, 4) if result.iters else None,
+        "threads": torch.get_num_threads(),
         **{k: base[k] for k in ("world_size", "images_per_gpu", "total_batch", "lr", "base_lr", "lr_rescaled")},
         "resumed_from_iter": result.resumed_from_iter, "eval_split": eval_set.split,
         "device": base["device"], "device_class": base["device_class"], "deviations": deviations,
         "failed_at_iter": None, "loss_terms": None,
     }  # fmt: skip
+
+
+def _rate(images: int, seconds: float) -> float | None:
+    return round(images / seconds, 2) if images and seconds > 0 else None
 
 
 def failed_metrics(exc: engine.NonFiniteLoss, base: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +255,7 @@ def failed_metrics(exc: engine.NonFiniteLoss, base: dict[str, Any]) -> dict[str,
                                      "resumed_from_iter")},
         "eval_split": None, "device": base.get("device"), "device_class": base.get("device_class"),
         "deviations": base.get("deviations", []), "failed_at_iter": exc.iteration, "loss_terms": exc.loss_terms,
+        "train_images_per_s": None, "s_per_iter": None, "threads": torch.get_num_threads(),
     }  # fmt: skip
 
 

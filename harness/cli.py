@@ -23,7 +23,7 @@ from harness.errors import UserError
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 DEFAULT_MATRIX = "faster_rcnn"
-REPORTS_HELP = "where the page goes (default: <repo>/reports/<matrix>)"
+REPORTS_HELP = "where the page goes (default: <runs>/<matrix>/<profile>/_report, outside tracked files)"
 MATRIX_HELP = "a name under matrices/ (faster_rcnn) or a YAML path"
 CELL_HELP = "a cell name (faster-rcnn_r50_fpn_1x_coco) or one of its aliases"
 FORMAT_HELP = "table (default) or json"

@@ -30,14 +30,16 @@ COLUMNS: tuple[str, ...] = (
     "box_ap", "mem_gb", "mem_kind", "fps", "fps_precision", "device", "device_class",
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
     "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
-    "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "data_root", "image_scale", "deviations", "notes", "quirks",
+    "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
+    "data_root", "image_scale", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
     "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
     "pycocotools_version", "harness_version", "finished_at", "run_dir",
 )
 RESULTS_CSV_COLUMNS: tuple[str, ...] = (
     "name", "profile", "seed", "status", "box_ap", "mem_gb", "mem_kind", "fps", "device_class",
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
-    "eval_split", "quirks", "train_time_s", "eval_time_s", "wall_time_s", "git_commit", "finished_at",
+    "eval_split", "quirks", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
+    "git_commit", "finished_at",
 )
 
 
@@ -153,6 +155,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
     metrics: dict[str, Any] = result.get("metrics") or {}
     prov: dict[str, Any] = result.get("provenance") or {}
     versions: dict[str, Any] = prov.get("versions") or {}
+    machine: dict[str, Any] = prov.get("machine") or {}
     spec_run = _read_json(run_dir / "spec.json").get("run") or {}
     notes = tuple(result.get("notes") or ()) or recipe_notes(cell)
     status = str(result.get("status", "failed"))
@@ -181,6 +184,12 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "train_time_s": metrics.get("train_time_s"),
         "eval_time_s": metrics.get("eval_time_s"),
         "wall_time_s": prov.get("wall_time_s"),
+        "train_images_per_s": _float(metrics.get("train_images_per_s")) if status == "ok" else None,
+        "s_per_iter": _float(metrics.get("s_per_iter")) if status == "ok" else None,
+        "cpu": machine.get("cpu"),
+        "cores": machine.get("cores"),
+        "threads": machine.get("threads", metrics.get("threads")),
+        "load_1m": machine.get("load_1m"),
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
         "deviations": tuple(metrics.get("deviations") or ()),

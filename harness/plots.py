@@ -71,11 +71,13 @@ def plot_ap_vs_fps(compared: pd.DataFrame, path: Path) -> Path:
     if pub.empty and mes.empty:
         return _empty(fig, ax, "no cell with both fps and box AP", path)
     if not pub.empty:
+        # Published points unlabelled (a grey line joins each to its measured point): two labels per
+        # cell overlapped into a smear.
         ax.scatter(pub["published_fps"], pub["published_box_ap"], facecolors="none", edgecolors="black", s=40,
                    label="published (V100)")
-        for row in pub.itertuples(index=False):
-            ax.annotate(_short(row.name), (row.published_fps, row.published_box_ap), fontsize=6, alpha=0.7,
-                        xytext=(3, 3), textcoords="offset points")
+        both = pub[pub["fps"].notna() & pub["box_ap"].notna()]
+        for row in both.itertuples(index=False):
+            ax.plot([row.published_fps, row.fps], [row.published_box_ap, row.box_ap], color="#999999", linewidth=0.6)
     if not mes.empty:
         devices = ", ".join(sorted({str(d) for d in mes["device_class"].dropna()})) or "unknown device"
         ax.scatter(mes["fps"], mes["box_ap"], color="#0072B2", s=30, label=f"measured ({devices})")
@@ -91,27 +93,35 @@ def plot_ap_vs_fps(compared: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_loss_curves(curves: pd.DataFrame, path: Path) -> Path:
-    """Training loss against iteration, one line per (cell, seed).
+    """Training loss against iteration: one small panel per cell (its seeds as lines, labelled),
+    sharing both axes, so that 30 cells stay readable without a 30-entry legend.
 
     Args:
         curves: a `harness.collect.load_loss_curves()` frame (name, seed, iter, loss).
     """
-    fig = Figure(figsize=(8.0, 5.0))
-    ax = fig.add_subplot()
     if curves.empty:
-        return _empty(fig, ax, "no training log (log.jsonl) found", path)
-    groups = list(curves.sort_values(["name", "seed", "iter"]).groupby(["name", "seed"], sort=False))
-    for (name, seed), g in groups:
-        label = name if seed == 0 else f"{name} (seed {seed})"
-        # Markers when a run logged few points (a smoke run may log one), else a line alone is invisible.
-        ax.plot(g["iter"], g["loss"], linewidth=1, marker="o" if len(g) < 20 else None, markersize=3,
-                label=label if len(groups) <= 12 else None)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (sum of the four terms)")
-    ax.set_title(f"Training loss, {len(groups)} run(s)")
-    ax.grid(alpha=0.3)
-    if len(groups) <= 12:
-        ax.legend(fontsize=6)
+        fig = Figure(figsize=(8.0, 5.0))
+        return _empty(fig, fig.add_subplot(), "no training log (log.jsonl) found", path)
+    names = list(dict.fromkeys(curves.sort_values(["name"])["name"]))
+    cols = min(5, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(2.6 * cols, 1.9 * rows + 0.6))
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    for i, name in enumerate(names):
+        ax = axes[i // cols][i % cols]
+        g_all = curves[curves["name"] == name].sort_values(["seed", "iter"])
+        for seed, g in g_all.groupby("seed", sort=True):
+            # Markers when a run logged few points (a smoke run may log one), else a line alone is invisible.
+            ax.plot(g["iter"], g["loss"], linewidth=1, marker="o" if len(g) < 20 else None, markersize=2,
+                    label=f"seed {seed}")  # fmt: skip
+        ax.set_title(_short(str(name)), fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+        if g_all["seed"].nunique() > 1:
+            ax.legend(fontsize=5)
+    for j in range(len(names), rows * cols):
+        axes[j // cols][j % cols].set_axis_off()
+    fig.suptitle(f"Training loss (sum of the four terms) against iteration, {len(names)} cell(s)", fontsize=9)
     return _save(fig, path)
 
 

@@ -8,6 +8,7 @@ or writing a report must stay fast.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -144,12 +145,31 @@ def hostname() -> str:
     return platform.node() or UNKNOWN
 
 
+def machine_info() -> dict[str, Any]:
+    """What explains speed on this host: CPU model, logical cores, 1-minute load when the run began."""
+    model = UNKNOWN
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        model = platform.processor() or UNKNOWN
+    try:
+        load: float | None = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"cpu": model, "cores": os.cpu_count(), "load_1m": load}
+
+
 def base_provenance(*, include_host: bool = True) -> dict[str, Any]:
-    """What is the same for every cell of one `harness run`: git, versions, host."""
+    """What is the same for every cell of one `harness run`: git, versions, host and machine."""
     out: dict[str, Any] = dict(git_info())
     out["versions"] = library_versions()
     if include_host:
         out["hostname"] = hostname()
+        out["machine"] = machine_info()
     return out
 
 
@@ -182,6 +202,7 @@ def cell_provenance(
         "git_dirty": base.get("git_dirty"),
         "versions": dict(base.get("versions", {})),
         **({"hostname": base["hostname"]} if "hostname" in base else {}),
+        **({"machine": {**base["machine"], "threads": metrics.get("threads")}} if "machine" in base else {}),
         "device": dev["device"],
         "device_class": dev["device_class"],
         "seed": run.get("seed"),
@@ -197,6 +218,7 @@ def cell_provenance(
 
 __all__ = [
     "base_provenance",
+    "machine_info",
     "cell_provenance",
     "device_class",
     "device_info",

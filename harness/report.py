@@ -30,10 +30,13 @@ from harness.collect import collect, load_loss_curves, loss_trends, recipe_notes
 from harness.compare import compare_frame, summary_counts
 from harness.matrix import METRIC_COLUMNS, Cell, MatrixSpec, Profile, Row, Table, repo_root
 from harness.metafile import measured_metafile, published_metafile, write_metafile
+from harness.runs import profile_dir
 from harness.plots import plot_ap_vs_fps, plot_ap_vs_published, plot_loss_curves
-from harness.verdicts import COMPARABLE_MEM_KIND, FPS_REL, PUBLISHED_DEVICE_CLASS, quirk_ids
+from harness.verdicts import COMPARABLE_MEM_KIND, FPS_REL, METRICS, PUBLISHED_DEVICE_CLASS, quirk_ids, scope_of
 
 TEMPLATES = Path(__file__).parent / "templates"
+# Where the measured page points config links (the seed's `./x.py` links are relative to this folder).
+MMDET_CONFIGS = "https://github.com/open-mmlab/mmdetection/blob/v3.3.0/configs/faster_rcnn/"
 DELTA_COLUMN, VERDICT_COLUMN = "Δ box AP", "Verdict"
 SYMBOLS = {"pass": "✓ pass", "warn": "⚠ warn", "fail": "✗ fail", "not comparable": "not comparable", "not run": "not run"}
 FPS_MARK, MEM_MARK = "†", "‡"
@@ -62,19 +65,31 @@ PLOTS: tuple[tuple[str, str], ...] = (
 
 
 def report_dir(matrix: MatrixSpec) -> Path:
-    """Where the page of `matrix` lives by default: `<repo>/reports/<matrix>/`."""
+    """Where the committed example page of `matrix` lives: `<repo>/reports/<matrix>/` (regenerated on
+    purpose with `--reports-dir reports/<matrix>`; a plain `report` writes beside the runs instead)."""
     return repo_root() / "reports" / matrix.name
+
+
+def default_page_dir(runs_dir: Path, matrix: MatrixSpec, profile: str) -> Path:
+    """Where `harness report` / `reproduce` write a page by default: `<runs>/<matrix>/<profile>/_report/`,
+    beside the runs it is made from and outside every tracked path, so a run never dirties the clone."""
+    return profile_dir(Path(runs_dir), matrix.name, profile) / "_report"
 
 
 def write_report(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path | None = None) -> Path:
     """Write README.md, results.csv, metafile.yml and plots/*.png for `profile`; return the README path."""
-    out = Path(out_dir) if out_dir is not None else report_dir(matrix)
+    out = Path(out_dir) if out_dir is not None else default_page_dir(runs_dir, matrix, profile)
     runs = collect(matrix, profile, Path(runs_dir))
     compared = compare_frame(runs, matrix, profile)
     out.mkdir(parents=True, exist_ok=True)
-    plot_ap_vs_published(compared, out / "plots" / PLOTS[0][0])
-    plot_ap_vs_fps(compared, out / "plots" / PLOTS[1][0])
-    plot_loss_curves(load_loss_curves(runs), out / "plots" / PLOTS[2][0])
+    drawers = {"ap_vs_published.png": plot_ap_vs_published, "ap_vs_fps.png": plot_ap_vs_fps}
+    for file, _title in PLOTS:
+        if file in drawers:
+            (out / "plots" / file).unlink(missing_ok=True)  # not drawn when AP is not compared
+    for file, _title in page_plots(matrix.profile(profile)):
+        if file in drawers:
+            drawers[file](compared, out / "plots" / file)
+    plot_loss_curves(load_loss_curves(runs), out / "plots" / "loss_curves.png")
     results_csv_frame(runs).to_csv(out / "results.csv", index=False)
     datasets = dataset_facts(runs)
     synthetic = bool(datasets) and all(d["synthetic"] for d in datasets)
@@ -84,9 +99,28 @@ def write_report(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path
     return readme
 
 
+def page_plots(prof: Profile) -> list[tuple[str, str]]:
+    """The plots the page shows: the AP plots only where AP is compared with the published table."""
+    ap = "box_ap" in scope_of(prof).metrics
+    return [(file, title) for file, title in PLOTS if ap or not file.startswith("ap_")]
+
+
+def banner(prof: Profile) -> str:
+    """A warning at the top of a page whose numbers are not (all) comparable with the published table."""
+    scope = scope_of(prof)
+    if not scope.reason:
+        return ""
+    if not scope.metrics:
+        return (f"**Not a reproduction result.** {scope.reason}: these numbers show that every cell builds, "
+                "trains, evaluates and is benchmarked, and are not comparable with the published table; "
+                f"{DELTA_COLUMN} is left blank.")
+    shown = " and ".join({"box_ap": "box AP", "mem": "Mem", "fps": "fps"}[m] for m in METRICS if m in scope.metrics)
+    return f"**Only {shown} are compared here.** {scope.reason}; {DELTA_COLUMN} is left blank."
+
+
 def report_is_current(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path | None = None) -> bool:
     """Whether the README in `out_dir` is exactly what `write_report` would write now (a CI staleness check)."""
-    readme = (Path(out_dir) if out_dir is not None else report_dir(matrix)) / "README.md"
+    readme = (Path(out_dir) if out_dir is not None else default_page_dir(runs_dir, matrix, profile)) / "README.md"
     if not readme.is_file():
         return False
     runs = collect(matrix, profile, Path(runs_dir))
@@ -112,11 +146,14 @@ def render_report(matrix: MatrixSpec, profile: str, runs: pd.DataFrame, compared
         f"memory, not CUDA `max_memory_allocated`, not comparable. A [Qn]({DEVIATIONS_ANCHOR}) marker names a recipe "
         "deviation. Each cell's reason is in `results.csv` and in `harness compare`."
     )
-    sections = _sections(matrix, lambda table, row: _measured_cells(table, row, matrix, by_name[row.cell]), measured=True)
+    links: dict[str, str] = {}
+    sections = _sections(matrix, lambda table, row: _measured_cells(table, row, matrix, by_name[row.cell], links), measured=True)
     return _render(
         matrix, facts=facts, legend=legend, sections=sections, measurement=_measurement(matrix, prof),
         quirks=_quirks(matrix, runs), cell_notes=_cell_notes(matrix), run_deviations=_run_deviations(runs),
-        run_times=_run_times(runs, loss_trends(load_loss_curves(runs))), plots=[(title, f"plots/{file}") for file, title in PLOTS],
+        run_times=_run_times(runs, loss_trends(load_loss_curves(runs))), banner=banner(prof),
+        plots=[(title, f"plots/{file}") for file, title in page_plots(prof)],
+        link_defs=[(ref, url) for url, ref in links.items()],
         files=[("results.csv", "one row per cell and seed: measured, published, delta, verdict and its reason"),
                ("metafile.yml", "the measured results in OpenMMLab metafile form")],
         generated=f"Generated by `harness report {matrix.name} --profile {profile}`; do not edit by hand.",
@@ -133,6 +170,7 @@ def render_published_page(matrix: MatrixSpec) -> str:
     return _render(
         matrix, facts=facts, legend="", sections=sections, measurement=_measurement(matrix, None),
         quirks=_quirks(matrix, None), cell_notes=_cell_notes(matrix), run_deviations=[], run_times="", plots=[],
+        banner="", link_defs=[],
         files=[("metafile.yml", "the published numbers in OpenMMLab metafile form")],
         generated=f"Generated from {_display(matrix.path)} (published numbers only); do not edit by hand.",
     )
@@ -202,7 +240,7 @@ def _published_cells(table: Table, row: Row, matrix: MatrixSpec) -> list[str]:
     return out
 
 
-def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, Any]) -> list[str]:
+def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, Any], links: dict[str, str]) -> list[str]:
     out = []
     for col in _measured_columns(table):
         if col == "Mem (GB)":
@@ -222,20 +260,43 @@ def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, A
             marks = " ".join(f"[{q}]({DEVIATIONS_ANCHOR})" for q in quirk_ids(cmp["notes"]))
             out.append(f"{SYMBOLS.get(cmp['verdict'], cmp['verdict'])} {marks}".strip())
         else:
-            out.append(_shared_cell(col, row, matrix))
+            out.append(_shared_cell(col, row, matrix, links))
     return out
 
 
-def _shared_cell(col: str, row: Row, matrix: MatrixSpec) -> str:
-    """Label, Config and Download cells: the same in both pages."""
+def _shared_cell(col: str, row: Row, matrix: MatrixSpec, links: dict[str, str] | None = None) -> str:
+    """Label, Config and Download cells.
+
+    The published page keeps the seed's text (`./config.py` links, inline URLs) cell for cell. The
+    measured page (`links` given) points configs at MMDetection v3.3.0 on GitHub, as the metafile
+    does (the config files do not ship here), and writes reference-style links defined at the
+    page's end, so that long URLs do not widen every table.
+    """
+    if links is None:
+        if col in row.labels:
+            text = row.labels[col]
+            return f"[{text}](./{row.links[col]}.py)" if col in row.links else text
+        if col == "Config":
+            return f"[config](./{row.cell}.py)"
+        if col == "Download":
+            return _download(matrix.cell(row.cell))
+        return ""
     if col in row.labels:
         text = row.labels[col]
-        return f"[{text}](./{row.links[col]}.py)" if col in row.links else text
+        return f"[{text}][{_ref(links, MMDET_CONFIGS + row.links[col] + '.py')}]" if col in row.links else text
     if col == "Config":
-        return f"[config](./{row.cell}.py)"
+        return f"[config][{_ref(links, MMDET_CONFIGS + row.cell + '.py')}]"
     if col == "Download":
-        return _download(matrix.cell(row.cell))
+        cell = matrix.cell(row.cell)
+        parts = [f"[model][{_ref(links, cell.download)}]"] if cell.download else []
+        parts += [f"[log][{_ref(links, cell.log)}]"] if cell.log else []
+        return " \\| ".join(parts)
     return ""
+
+
+def _ref(links: dict[str, str], url: str) -> str:
+    """A short reference id for `url` (the same URL keeps its id); `links` maps url -> id."""
+    return links.setdefault(url, str(len(links) + 1))
 
 
 def _download(cell: Cell) -> str:
@@ -280,9 +341,24 @@ def _provenance_text(runs: pd.DataFrame) -> str:
     for col, label in (("python_version", "python"), ("torch_version", "torch"), ("torchvision_version", "torchvision"),
                        ("pycocotools_version", "pycocotools"), ("harness_version", "harness")):
         versions.append(f"{label} {_unique(ran[col])}")
-    devices = _unique(ran["device"])
     date = max((str(d) for d in ran["finished_at"].dropna()), default="unknown")
-    return f"commit {commits}{dirty}; {', '.join(versions)}; device {devices}; {len(ran)} run(s), last finished {date}"
+    return f"commit {commits}{dirty}; {', '.join(versions)}; {_machine_text(ran)}; {len(ran)} run(s), last finished {date}"
+
+
+def _machine_text(ran: pd.DataFrame) -> str:
+    """The device, and what explains speed on it: CPU model, cores, threads per cell, load at the start."""
+    devices = _unique(ran["device"])
+    host = []
+    if ran["cpu"].notna().any():
+        host.append(f"CPU {_unique(ran['cpu'])}")
+    if ran["cores"].notna().any():
+        host.append(f"{_unique(ran['cores'], lambda c: str(int(c)))} logical cores")
+    if ran["threads"].notna().any():
+        host.append(f"{_unique(ran['threads'], lambda t: str(int(t)))} torch threads per cell")
+    loads = [float(x) for x in ran["load_1m"].dropna()]
+    if loads:
+        host.append(f"load {min(loads):.1f}-{max(loads):.1f} when the run began")
+    return f"device {devices}" + (f" (host: {', '.join(host)})" if host else "")
 
 
 def _dataset_text(runs: pd.DataFrame, prof: Profile) -> str:
@@ -376,7 +452,13 @@ def _render(matrix: MatrixSpec, **context: Any) -> str:
     )
     text = env.get_template("page.md.j2").render(
         title=matrix.title, paper_title=matrix.paper_title, paper_url=matrix.paper_url, **context)
+    # The recipe notes cite sections of the project's internal recipes reference, which does not
+    # ship with the page: a reader cannot follow "(reference 1.9 item 6)", so the page drops them.
+    text = _REFERENCE_CITATION.sub("", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+_REFERENCE_CITATION = re.compile(r" ?\((?:see )?reference [^()]*\)|,? reference §[0-9.]+(?: Q[0-9]+)?")
 
 
 # ---- small helpers --------------------------------------------------------------------------
@@ -424,6 +506,7 @@ __all__ = [
     "markdown_table",
     "render_published_page",
     "render_report",
+    "default_page_dir",
     "report_dir",
     "report_is_current",
     "write_published_report",

@@ -24,12 +24,12 @@ SCHEMA_KEYS = {
     "status", "error", "coco", "box_ap", "mem_gb", "mem_kind", "fps", "fps_images", "fps_precision", "iters",
     "epochs", "train_time_s", "eval_time_s", "final_loss", "first_loss", "world_size", "images_per_gpu",
     "total_batch", "lr", "base_lr", "lr_rescaled", "resumed_from_iter", "eval_split", "device", "device_class",
-    "deviations", "failed_at_iter", "loss_terms",
+    "deviations", "failed_at_iter", "loss_terms", "train_images_per_s", "s_per_iter", "threads",
 }  # fmt: skip
 COCO_KEYS = {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l", "bbox_AR@100",
              "bbox_AR@300", "bbox_AR@1000", "bbox_AR_s@1000", "bbox_AR_m@1000", "bbox_AR_l@1000"}  # ARCHITECTURE.md
 # Times, memory and the resume marker legitimately differ between two runs of the same cell.
-VOLATILE = {"train_time_s", "eval_time_s", "mem_gb", "fps", "resumed_from_iter"}
+VOLATILE = {"train_time_s", "eval_time_s", "mem_gb", "fps", "resumed_from_iter", "train_images_per_s", "s_per_iter"}
 # Two cores are shared: one thread per process avoids OpenMP oversubscription (10x slower).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

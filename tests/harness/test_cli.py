@@ -261,3 +261,29 @@ def test_every_option_and_argument_has_help_text() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("harness ")
+
+
+def test_full_profile_refuses_random_init_before_anything_runs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, coco_root: Path
+) -> None:
+    argv = ["run", "faster_rcnn", "--profile", "full", "--data", str(coco_root), "--runs-dir", str(tmp_path),
+            "--only", "faster-rcnn_r50_fpn_1x_coco", "faster-rcnn_r50-caffe_fpn_1x_coco"]  # fmt: skip
+    line = _error_line(capsys, argv)
+    assert "torchvision://resnet50 (file resnet50-0676ba61.pth)" in line and "--allow-random-init" in line
+    assert "open-mmlab://detectron2/resnet50_caffe (file resnet50_msra-5891d200.pth)" in line
+    assert not any(tmp_path.iterdir())
+    # A folder that lacks the expected file is refused too, naming the file.
+    line = _error_line(capsys, [*argv, "--pretrained", f"torchvision://resnet50={tmp_path}"])
+    assert "resnet50-0676ba61.pth" in line
+
+
+def test_verify_accepts_a_val_only_root(tmp_path: Path) -> None:
+    from harness.errors import UserError
+    from harness.planning import check_coco_root
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    (tmp_path / "val2017").mkdir()
+    assert check_coco_root(tmp_path, "--data", need="eval") == tmp_path.resolve()
+    with pytest.raises(UserError, match="missing annotations/instances_train2017.json and train2017/"):
+        check_coco_root(tmp_path, "--data")
