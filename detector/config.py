@@ -254,6 +254,10 @@ class RunConfig:
     # would otherwise write ~16 GB of final checkpoints).
     checkpoint_interval: int | None = 1000
     log_interval: int = 50
+    # fps measured with detections like a trained model's (`detector.bench_pair.set_detection_bias`
+    # after evaluation): random or briefly trained weights give next to no detections, which makes
+    # post-processing look free.
+    bench_detections: bool = False
     bench_images: int = 0  # fps over this many images after warm-up; 0: no fps measurement
     bench_warmup: int = 5
     pretrained_path: str | None = None  # a local file for `DetectorConfig.pretrained`

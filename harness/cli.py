@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
 
+    p = sub.add_parser("estimate", help="GPU-hours of each cell's full recipe from measured training throughput")
+    p.add_argument("matrix", metavar="MATRIX", help=MATRIX_HELP)
+    p.add_argument("--profile", default="hardware", help="whose measured throughput (default hardware)")
+    p.add_argument("--runs-dir", metavar="DIR", help="where the runs are (default: <repo>/runs)")
+    p.add_argument("--gpus", type=_positive, default=8, help="GPUs for the wall-clock time (default 8, the recipe's)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
+
     p = sub.add_parser("eval", help="COCO bbox evaluation of a detections file")
     p.add_argument("--ann", required=True, metavar="GT.json", help="COCO-format ground truth (instances JSON)")
     p.add_argument("--dets", required=True, metavar="DETS.json", help="detections in COCO results format")
@@ -318,6 +325,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return comparison_exit_code(df)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from harness.estimate import estimate, format_estimate
+    from harness.matrix import load_matrix
+    from harness.planning import runs_dir_of
+
+    matrix = load_matrix(args.matrix)
+    matrix.profile(args.profile)
+    df = estimate(matrix, args.profile, runs_dir_of(args), gpus=args.gpus)
+    if args.format == "json":
+        print(json.dumps(_jsonable(df.astype(object).where(df.notna(), None).to_dict(orient="records")), indent=2))
+    else:
+        print(format_estimate(df, gpus=args.gpus))
+    return OK
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from detector.coco_eval import evaluate_files
 
@@ -382,6 +404,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "baseline": cmd_baseline,
     "report": cmd_report,
     "compare": cmd_compare,
+    "estimate": cmd_estimate,
     "eval": cmd_eval,
     "verify": cmd_verify,
     "bench": cmd_bench,

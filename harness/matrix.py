@@ -102,6 +102,12 @@ class Profile:
     # Iterations between loss lines in log.jsonl (mmdet's LoggerHook default 50); the toy profiles
     # train a few iterations, so they log every one or their loss curves would be a single point.
     log_interval: int = 50
+    # Synthetic images' (width, height); None: the generator's default 320 x 240. The hardware profile
+    # asks for the recipe's largest image (1333 x 800): both images of a batch then pad to 1344 x 800.
+    synth_size: tuple[int, int] | None = None
+    # fps with detections like a trained model's (random weights detect next to nothing): the
+    # classifier bias of two classes is raised after evaluation, as `detector.bench_pair` does.
+    bench_detections: bool = False
     cells: tuple[str, ...]  # globs restricting the cells of this profile; () = all
 
     def data_root(self, override: str | Path | None = None) -> str:

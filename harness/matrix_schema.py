@@ -44,9 +44,10 @@ _TABLE_KEYS = ("id", "heading", "intro", "columns", "rows")
 _ROW_KEYS = ("cell", "labels", "printed", "links")
 _PUBLISHED_KEYS = ("box_ap", "mem_gb", "fps")
 _PROFILE_FIELDS = ("data", "compare", "max_iters", "image_scale", "images_per_gpu", "workers", "eval_max_images",
-                   "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "log_interval", "cells")
+                   "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "log_interval", "synth_size",
+                   "bench_detections", "cells")
 
-_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50}
+_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50, "synth_size": None, "bench_detections": False}
 
 
 class _Ctx:
@@ -339,12 +340,16 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         if text not in COMPARE_MODES:
             ctx.fail(f"{text!r} is not a comparison mode", field=where, allowed=COMPARE_MODES)
         return text
-    if key == "image_scale":
+    if key == "bench_detections":
+        if not isinstance(value, bool):
+            ctx.fail(f"expected true or false, got {value!r}", field=where)
+        return value
+    if key in ("image_scale", "synth_size"):
         if value is None:
             return None
         if not isinstance(value, list) or len(value) != 2:
-            ctx.fail(f"expected [long, short] or null, got {value!r}", field=where)
-        return (integer(value[0], 1, False), integer(value[1], 1, False))
+            ctx.fail(f"expected [{'long, short' if key == 'image_scale' else 'width, height'}] or null, got {value!r}", field=where)
+        return (integer(value[0], 64 if key == "synth_size" else 1, False), integer(value[1], 64 if key == "synth_size" else 1, False))
     if key == "cells":
         return tuple(ctx.text(v, where) for v in ctx.seq(value, where))
     minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1,

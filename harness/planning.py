@@ -68,7 +68,7 @@ def check_coco_root(root: Path, what: str, *, need: str = "train") -> Path:
     raise UserError(f"{what} {root}: missing {' and '.join(missing)} ({holds})")
 
 
-def synthetic_root(runs_dir: Path, *, images: int, seed: int) -> Path:
+def synthetic_root(runs_dir: Path, *, images: int, seed: int, size: tuple[int, int] | None = None) -> Path:
     """The synthetic COCO set for (images, seed), generated once under `<runs>/_data/` and reused.
 
     Generated into a temporary folder and renamed into place under a lock, so a second runner
@@ -78,14 +78,14 @@ def synthetic_root(runs_dir: Path, *, images: int, seed: int) -> Path:
 
     base = Path(runs_dir) / "_data"
     base.mkdir(parents=True, exist_ok=True)
-    root = base / f"synthetic-{images}-s{seed}"
+    root = base / (f"synthetic-{images}-s{seed}" + (f"-{size[0]}x{size[1]}" if size else ""))
     with open(base / ".lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if (root / TRAIN_ANN).is_file():
             return root
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
         try:
-            make_synthetic_coco(tmp, images=images, seed=seed)
+            make_synthetic_coco(tmp, images=images, seed=seed, **({"size": size} if size else {}))
             shutil.rmtree(root, ignore_errors=True)  # a leftover without annotations
             os.replace(tmp, root)
         finally:
@@ -102,7 +102,7 @@ def dataset_root(
     data_root = profile.data_root(None)  # UserError for a profile without data ("none")
     if data_root == "synthetic":
         t0 = time.monotonic()
-        root = synthetic_root(runs_dir, images=profile.synth_images, seed=seed)
+        root = synthetic_root(runs_dir, images=profile.synth_images, seed=seed, size=profile.synth_size)
         if time.monotonic() - t0 > 1.0:
             took = time.monotonic() - t0
             log(f"generated the synthetic set ({profile.synth_images} images, seed {seed}) in {took:.1f} s")
@@ -159,6 +159,7 @@ def run_config(
         checkpoint_interval=profile.checkpoint_interval,
         log_interval=profile.log_interval,
         bench_images=profile.bench_images,
+        bench_detections=profile.bench_detections,
         pretrained_path=str(pretrained_path) if pretrained_path else None,
         load_from_path=str(load_from_path) if load_from_path else None,
     )

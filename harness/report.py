@@ -139,6 +139,12 @@ def render_report(matrix: MatrixSpec, profile: str, runs: pd.DataFrame, compared
         ("Dataset", _dataset_text(runs, prof)),
         ("Verdicts", f"{len(compared)} cells: " + ", ".join(f"{n} {v}" for v, n in counts.items())),
     ]
+    if prof.compare == "hardware":
+        from harness.estimate import estimate_frame, summary_line
+
+        cost = summary_line(estimate_frame(matrix, runs))
+        if cost:
+            facts.append(("Cost", cost[0].upper() + cost[1:]))
     legend = (
         f"Each Mem / fps / box AP cell reads `measured / published` (\"-\": none). {DELTA_COLUMN} is measured minus "
         f"published (with seeds: the mean, and in brackets its 95% interval). {FPS_MARK}: fps measured on another "
@@ -327,7 +333,8 @@ def _profile_text(prof: Profile) -> str:
         parts.append(f"evaluation on the first {prof.eval_max_images} images")
     parts.append(f"fps over {prof.bench_images} images" if prof.bench_images else "no fps measurement")
     parts.append({"published": "compared with the published numbers", "baselines": "compared with stored CI baselines",
-                  "none": "compared with nothing (a build-train-evaluate check)"}.get(prof.compare, prof.compare))
+                  "none": "compared with nothing (a build-train-evaluate check)",
+                  "hardware": "Mem and fps compared with the published numbers (no AP)"}.get(prof.compare, prof.compare))
     return ", ".join(parts)
 
 
@@ -436,13 +443,19 @@ def _run_times(runs: pd.DataFrame, trends: pd.DataFrame) -> str:
         t = trend.get((name, seed))
         return "-" if t is None else f"{t['loss_start']:.2f} → {t['loss_end']:.2f}"
 
+    def rate(value: Any, digits: int) -> str:
+        return "-" if value is None or pd.isna(value) else f"{float(value):.{digits}f}"
+
     rows = [[str(r["name"]), str(r["seed"]), str(r["status"]), loss(str(r["name"]), int(r["seed"])),
+             rate(r["train_images_per_s"], 1), rate(r["s_per_iter"], 3),
              seconds(r["train_time_s"]), seconds(r["eval_time_s"]), seconds(r["wall_time_s"])]
             for r in done.to_dict(orient="records")]  # fmt: skip
     total = pd.to_numeric(done["wall_time_s"], errors="coerce").sum()
     fell = sum(bool(t["fell"]) for t in trend.values())
-    rows.append(["**all cells**", "", "", f"fell in {fell}/{len(trend)}", "", "", f"**{total:.1f}**"])
-    return markdown_table(("Config", "Seed", "Status", "Loss start → end", "Train (s)", "Eval (s)", "Cell wall (s)"), rows)
+    rows.append(["**all cells**", "", "", f"fell in {fell}/{len(trend)}", "", "", "", "", f"**{total:.1f}**"])
+    columns = ("Config", "Seed", "Status", "Loss start → end", "Train (img/s)", "s / iter", "Train (s)", "Eval (s)",
+               "Cell wall (s)")  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def _render(matrix: MatrixSpec, **context: Any) -> str:

@@ -185,7 +185,7 @@ def test_every_cell_resolves_to_its_recipe(spec: MatrixSpec) -> None:
 
 
 def test_profiles_and_tolerances(spec: MatrixSpec) -> None:
-    assert set(spec.profiles) == {"smoke", "ci", "full"}
+    assert set(spec.profiles) == {"smoke", "ci", "hardware", "full"}
     smoke, ci, full = spec.profile("smoke"), spec.profile("ci"), spec.profile("full")
     assert (smoke.data, smoke.compare, smoke.image_scale, smoke.cells) == ("synthetic", "none", (160, 128), ())
     assert ci.compare == "baselines" and ci.max_iters == 60
@@ -198,7 +198,7 @@ def test_profiles_and_tolerances(spec: MatrixSpec) -> None:
     assert full.data_root("/data/coco") == "/data/coco"
     assert smoke.data_root() == "synthetic"
     assert (spec.tolerances.box_ap_pass, spec.tolerances.box_ap_warn, spec.tolerances.mem_rel) == (0.2, 0.3, 0.1)
-    with pytest.raises(UserError, match=r"unknown profile 'fast'; allowed: smoke, ci, full"):
+    with pytest.raises(UserError, match=r"unknown profile 'fast'; allowed: smoke, ci, hardware, full"):
         spec.profile("fast")
 
 
@@ -291,7 +291,7 @@ def test_yaml_include_exclude_on_real_axes(tmp_path: Path) -> None:
     assert spec.cell("my-r101").axes["precision"] == "amp"
     assert spec.cell("faster-rcnn_x101-32x4d_fpn_1x_coco").axes["precision"] == "fp32"  # added, not merged
     assert all(c.section == NO_SECTION and c.published.box_ap is None for c in spec.cells)
-    assert list(spec.profiles) == ["smoke", "ci", "full", "p"]  # inherited + declared
+    assert list(spec.profiles) == ["smoke", "ci", "hardware", "full", "p"]  # inherited + declared
 
 
 def test_jan_2020_matrix_pairs_each_q5_row_with_its_published_numbers(spec: MatrixSpec) -> None:
@@ -388,7 +388,7 @@ BASE = "axes: {backbone: [r50]}\n"
         (BASE + "profiles: {smoke: {max_iters: ten}}\n", ["field 'profiles.smoke.max_iters'", "expected an integer"]),
         (BASE + "profiles: {smoke: {compare: always}}\n", ["field 'profiles.smoke.compare'", "allowed: none, baselines, hardware, published"]),
         (BASE + "profiles: {new: {max_iters: 3}}\n", ["field 'profiles.new'", "missing fields", "allowed: data, compare"]),
-        (BASE + "profiles: {x: {extends: nope}}\n", ["field 'profiles.x.extends'", "unknown profile 'nope'", "allowed: smoke, ci, full"]),
+        (BASE + "profiles: {x: {extends: nope}}\n", ["field 'profiles.x.extends'", "unknown profile 'nope'", "allowed: smoke, ci, hardware, full"]),
         (BASE + "profiles: {smoke: {cells: [r18*]}}\n", ["field 'profiles.smoke.cells'", "no cell matches 'r18*'"]),
         (BASE + "tolerances: {box_ap_pass: -1}\n", ["field 'tolerances.box_ap_pass'", "non-negative"]),
     ],
