@@ -46,14 +46,14 @@ def git_info(repo: Path | None = None) -> dict[str, Any]:
         {"git_commit": 40-hex sha or "unknown", "git_dirty": bool, or None when unknown}.
         No git, no repository (an installed wheel) or a git error all give "unknown".
     """
+    given = os.environ.get("HARNESS_GIT_COMMIT", "")
+    if re.fullmatch(r"[0-9a-f]{40}", given):
+        # A copy of a checkout sent elsewhere (the GPU machine) may carry a stale .git of its own:
+        # the commit the caller names wins; whether the copy was dirty is not known there.
+        return {"git_commit": given, "git_dirty": None}
     where = repo if repo is not None else Path(__file__).resolve().parent
     commit = _git(["rev-parse", "HEAD"], where)
     if commit is None or not re.fullmatch(r"[0-9a-f]{40}", commit):
-        # A copy of a checkout without .git (a GPU machine that receives the working tree): the
-        # commit it was copied from, when the caller says so; its dirty state is unknown.
-        given = os.environ.get("HARNESS_GIT_COMMIT", "")
-        if re.fullmatch(r"[0-9a-f]{40}", given):
-            return {"git_commit": given, "git_dirty": None}
         return {"git_commit": UNKNOWN, "git_dirty": None}
     # Only tracked files count: run folders and reports are git-ignored, and an untracked scratch
     # file is not part of the code a result came from.
