@@ -129,3 +129,19 @@ def test_loss_trends_average_the_first_and_last_quarter() -> None:
     assert (by_name["a"]["loss_start"], by_name["a"]["loss_end"], by_name["a"]["fell"]) == (4.5, 0.75, True)
     assert (by_name["b"]["loss_start"], by_name["b"]["loss_end"], by_name["b"]["fell"]) == (2.0, 3.0, False)
     assert loss_trends(pd.DataFrame(columns=["name", "seed", "iter", "loss"])).empty
+
+
+def test_training_throughput_leaves_out_the_first_logged_window(tmp_path: Path) -> None:
+    """The first window holds cuDNN autotuning and worker start-up: 10 iterations, 1.4 s then 0.05 s
+    each at a total batch of 2 -> 18 images over 0.45 s = 40 images/s (not 20 / 1.85 s)."""
+    from harness.collect import collect
+    from harness.matrix import load_matrix
+
+    folder = write_run(tmp_path, R50, profile="hardware", device_class="H200")
+    rows = [{"iter": i, "loss": 1.0, "time": 1.4 if i == 1 else 0.05} for i in range(1, 11)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = json.loads((folder / "result.json").read_text())
+    result["metrics"]["total_batch"] = 2
+    (folder / "result.json").write_text(json.dumps(result))
+    row = collect(load_matrix("faster_rcnn"), "hardware", tmp_path).set_index("name").loc[R50]
+    assert row["train_images_per_s"] == pytest.approx(40.0) and row["s_per_iter"] == pytest.approx(0.05)

@@ -49,6 +49,7 @@ def test_box_ap_bands_single_run(matrix: MatrixSpec, tmp_path: Path, box_ap: flo
 @pytest.mark.parametrize(("mem_gb", "mem_kind", "verdict"), [
     (4.4, "cuda_max_allocated", "pass"),        # +10%: inside
     (3.6, "cuda_max_allocated", "pass"),        # -10%
+    (1.0, "cuda_max_allocated", "pass"),        # -75%: one-sided, using less is no regression
     (4.5, "cuda_max_allocated", "fail"),        # +12.5%
     (9.0, "cpu_peak_rss", "not comparable"),    # CPU RSS is another quantity
 ])
@@ -179,3 +180,24 @@ def test_format_and_records(matrix: MatrixSpec, tmp_path: Path) -> None:
     back = json.loads(json.dumps(records, allow_nan=False))  # NaN would not survive allow_nan=False
     r = next(x for x in back if x["name"] == R50)
     assert r["box_ap"] == 37.0 and r["box_ap_std"] is None and r["verdict"] == "fail" and isinstance(r["notes"], list)
+
+
+def test_hardware_profile_compares_mem_and_fps_not_ap(matrix: MatrixSpec, tmp_path: Path) -> None:
+    # A full-scale hardware run on an H200: Mem judged one-sided, fps shown but another device class,
+    # AP from 10 iterations not compared and its delta left blank.
+    write_run(tmp_path, R50, profile="hardware", box_ap=0.0, mem_gb=2.5, fps=31.5, device_class="H200")
+    row = _row(matrix, tmp_path, profile="hardware")
+    assert (row["ap_verdict"], row["mem_verdict"], row["fps_verdict"]) == ("not comparable", "pass", "not comparable")
+    assert row["verdict"] == "pass" and math.isnan(row["delta_box_ap"])
+    assert row["delta_mem_rel"] == pytest.approx(2.5 / 4.0 - 1)
+    write_run(tmp_path, R50, profile="hardware", box_ap=0.0, mem_gb=4.5, fps=31.5, device_class="H200")
+    row = _row(matrix, tmp_path, profile="hardware")
+    assert row["verdict"] == "fail" and "more than 10% above the published" in row["reason"]
+
+
+def test_smoke_verdicts_agree_in_json(matrix: MatrixSpec, tmp_path: Path) -> None:
+    """A toy profile: every per-metric verdict says "not comparable" like the cell's (not "fail")."""
+    write_run(tmp_path, R50, profile="smoke", box_ap=0.0, mem_kind="cpu_peak_rss", device_class="cpu")
+    rec = next(r for r in comparison_records(compare(matrix, "smoke", tmp_path)) if r["name"] == R50)
+    assert {rec["verdict"], rec["ap_verdict"], rec["mem_verdict"], rec["fps_verdict"]} == {"not comparable"}
+    assert rec["delta_box_ap"] is None

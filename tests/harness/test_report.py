@@ -128,6 +128,7 @@ def test_measured_page_structure(matrix: MatrixSpec, measured: tuple[Path, str])
     assert len(page) == len(seed) + 1  # the seed's tables, then the run-times table
     times = page[-1]
     assert times["heading"] == "Run times" and times["rows"][-1]["Config"] == "**all cells**"
+    assert {"Train (img/s)", "s / iter"} <= set(times["header"])  # the training throughput column
     # R-50's two seeds logged 3.0, 2.0, 1.0 (quarters of one point); the other runs logged no loss
     r50_rows = [r for r in times["rows"] if r["Config"] == R50]
     assert [r["Loss start → end"] for r in r50_rows] == ["3.00 → 1.00", "3.00 → 1.00"]
