@@ -255,7 +255,7 @@ def train(
             if it % log_interval == 0 or it == schedule.max_iters:
                 last_log_loss = win.sums["loss"] / win.count
                 if log_path is not None:
-                    _write_log(log_path, it, it / n_batches, lr, win, memory_mb(device))
+                    _write_log(log_path, it, it / n_batches, lr, win, memory_mb(device), schedule.max_iters, len(images) * world)
                 win = _Window()
             if ckpt_dir is not None and checkpoint_interval is not None and (
                 it % checkpoint_interval == 0 or it == schedule.max_iters
@@ -296,8 +296,12 @@ def _backward_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: Any |
     scaler.update()
 
 
-def _write_log(path: Path, it: int, epoch: float, lr: float, win: _Window, mem: int) -> None:
-    row: dict[str, Any] = {"iter": it, "epoch": round(epoch, 4), "lr": lr}
+def _write_log(path: Path, it: int, epoch: float, lr: float, win: _Window, mem: int, max_iters: int,
+               total_batch: int) -> None:  # fmt: skip
+    # max_iters, total_batch: what the harness's live progress line needs (iteration N of max_iters,
+    # images per second, ETA).
+    row: dict[str, Any] = {"iter": it, "max_iters": max_iters, "total_batch": total_batch, "epoch": round(epoch, 4),
+                           "lr": lr}  # fmt: skip
     row.update({k: v / win.count for k, v in win.sums.items()})
     row.update({"time": win.time / win.count, "data_time": win.data_time / win.count, "memory": mem})
     with open(path, "a", encoding="utf-8") as fh:

@@ -272,6 +272,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         rose = ", ".join(sorted(set(trends.loc[~trends["fell"], "name"])))
         print(f"training loss fell in {int(trends['fell'].sum())}/{len(trends)} runs" + (f"; not in: {rose}" if rose else ""))
     print(f"page: {page}")
+    print("next:")
+    print(f"  the page and its plots   {page}  (plots/ beside it)")
+    print(f"  every number, per seed   {page.parent / 'results.csv'}")
+    print(f"  verdicts with reasons    harness compare {args.matrix} --profile {args.profile}"
+          + (f" --runs-dir {runs_dir}" if getattr(args, 'runs_dir', None) else ""))
+    print(f"  one cell's log           {runs_dir / matrix.name / args.profile}/<cell>/stdout.txt")
     return max(FAILED if summary.count("failed") else OK, comparison_exit_code(df))
 
 

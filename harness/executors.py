@@ -262,6 +262,7 @@ def run_pool(
     finish: Callable[[T, int], None],
     max_in_flight: int = 1,
     poll_s: float = 0.2,
+    tick: Callable[[], None] | None = None,
 ) -> None:
     """Start items while fewer than `max_in_flight` run; call `finish(item, exit_code)` for each.
 
@@ -298,6 +299,8 @@ def run_pool(
                 else:
                     finish(item, code)
             if len(still) == len(running):
+                if tick is not None:
+                    tick()  # e.g. the live progress line of the running cells
                 time.sleep(poll_s)
             running = still
     except BaseException:

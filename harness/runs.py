@@ -41,6 +41,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.executors import CellCommand, Executor, Handle, cell_argv, run_pool
+from harness.progress import Progress
 from harness.provenance import cell_provenance, now_iso
 
 SPEC, METRICS, RESULT, LOG = "spec.json", "metrics.json", "result.json", "log.jsonl"
@@ -296,6 +297,7 @@ def run_jobs(
     env: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
     argv: Callable[[Path], tuple[str, ...]] | None = None,
+    progress_s: float = 15.0,
 ) -> RunSummary:
     """Run cells through `executor`, at most `max_in_flight` at once, writing each result.json.
 
@@ -306,6 +308,7 @@ def run_jobs(
 
     Args:
         argv: the command of a cell folder; default `cell_argv(folder, nproc_per_cell=...)`.
+        progress_s: seconds between two live progress lines of a running cell (`harness.progress`).
     """
     summary = RunSummary()
     width = len(str(len(jobs)))
@@ -313,6 +316,12 @@ def run_jobs(
     make_argv = argv or (lambda folder: cell_argv(folder, nproc_per_cell=nproc_per_cell))
     active: dict[int, tuple[_Attempt, Handle]] = {}
     busy: list[CellJob] = []
+    progress = Progress(total=len(jobs), jobs=max_in_flight, every_s=progress_s)
+    by_label = {job.label: job for job in jobs}
+
+    def tick() -> None:
+        for label, text in progress.lines():
+            say(by_label[label], "train", text)
 
     def say(job: CellJob, what: str, text: str = "") -> None:
         log(f"[{number[id(job)]:>{width}}/{len(jobs)}] {what:<7} {job.label}" + (f": {text}" if text else ""))
@@ -351,6 +360,7 @@ def run_jobs(
             summary.statuses[job.label] = str(done.get("status"))
             summary.cached.append(job.label)
             say(job, "done", f"{done.get('status')} before under the same config {job.config_hash[:12]}")
+            progress.finish(job.label, ran=False)
             return None
         old = read_json(job.folder / SPEC)
         if force or (old is not None and config_hash(old) != job.config_hash):
@@ -364,12 +374,14 @@ def run_jobs(
             write_json_atomic(job.folder / RESULT, result)
             summary.statuses[job.label] = "skipped"
             say(job, "skipped", job.skip_reason)
+            progress.finish(job.label, ran=False)
             return None
         say(job, "start")
         attempt = _Attempt(job=job, lock=lock, started_at=now_iso(), t0=time.monotonic())
         command = CellCommand(cell_dir=job.folder, argv=make_argv(job.folder), env=dict(env or {}))
         handle = executor.submit(command, keep_fds=() if lock.fd is None else (lock.fd,))
         active[id(job)] = (attempt, handle)
+        progress.start(job.label, job.folder)
         return handle
 
     def finish(job: CellJob, code: int) -> None:
@@ -390,16 +402,18 @@ def run_jobs(
             else:
                 # The last line of a traceback tail is the exception; of a metrics error, the error.
                 detail = (error or "").strip().splitlines()[-1] if error and error.strip() else ""
+            progress.finish(job.label, ran=True)
             say(job, status, f"{wall:.1f} s" + (f", {detail}" if detail else ""))
         finally:
             attempt.lock.release()
 
     previous = _sigterm_as_interrupt()
     try:
-        run_pool(jobs, start=start, finish=finish, max_in_flight=max_in_flight)
+        run_pool(jobs, start=start, finish=finish, max_in_flight=max_in_flight, tick=tick)
         waiting = list(busy)
         busy.clear()
-        run_pool(waiting, start=lambda job: start(job, after_wait=True), finish=finish, max_in_flight=max_in_flight)
+        run_pool(waiting, start=lambda job: start(job, after_wait=True), finish=finish, max_in_flight=max_in_flight,
+                 tick=tick)  # fmt: skip
     finally:
         # run_pool has cancelled whatever still ran; their folders get no result.json (they resume).
         for attempt, _handle in active.values():
