@@ -95,6 +95,10 @@ def load_coco(ann_file: Path, *, drop_segmentation: bool = False) -> COCO:
         if ann.get("id") in ann_ids:
             raise DataError(f"{where}: duplicate annotation id")
         ann_ids.add(ann.get("id"))
+        # Repairs `detector.validate` reports before training: pycocotools' evaluation reads both.
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = float(bbox[2]) * float(bbox[3])
         if drop_segmentation:
             ann.pop("segmentation", None)
     coco = COCO()
@@ -361,6 +365,26 @@ def iterate_batches(loader: DataLoader[Item], *, start_iter: int = 0) -> Iterato
         epoch, skip = epoch + 1, 0
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the target folder, then rename it into place: a reader, a
+    crash or a full disk never leaves a half-written file under the target's name."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, separators=(",", ":")))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def subset_annotations(ann_in: Path, out: Path, *, categories: list[str] | None, max_images: int | None) -> dict[str, Any]:
     """Write a deterministic subset of a COCO annotation file (`harness data subset`).
 
@@ -369,6 +393,13 @@ def subset_annotations(ann_in: Path, out: Path, *, categories: list[str] | None,
     list is kept whole, so label mapping and `classes=` selection work on the subset as on the
     original. Returns a summary: {"ann_in", "out", "images", "annotations", "categories"}.
     """
+    out = Path(out)
+    if str(out).endswith(("/", "\\")) or out.is_dir():
+        raise DataError(f"--out {out}: is a folder; give the file to write, e.g. {out / 'instances_train2017.json'}")
+    if out.exists() and out.resolve() == Path(ann_in).resolve():
+        raise DataError(f"--out {out}: is the input annotation file; the subset never overwrites its source")
+    if out.exists():
+        raise DataError(f"--out {out}: exists; the subset never overwrites a file (give a new name, or delete it first)")
     coco = load_coco(ann_in)
     data = coco.dataset
     if max_images is not None and max_images < 1:
@@ -383,11 +414,7 @@ def subset_annotations(ann_in: Path, out: Path, *, categories: list[str] | None,
     anns = sorted((a for a in anns if a["image_id"] in kept), key=lambda a: a["id"])
     subset = {k: v for k, v in data.items() if k not in ("images", "annotations")}
     subset.update(images=images, annotations=anns)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(subset, separators=(",", ":")), encoding="utf-8")
-    tmp.replace(out)
+    write_json_atomic(out, subset)
     names = [c["name"] for c in data["categories"] if c["id"] in cat_ids]
     return {"ann_in": str(ann_in), "out": str(out), "images": len(images), "annotations": len(anns), "categories": names}
 

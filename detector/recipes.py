@@ -22,7 +22,7 @@ Axes (all strings, as written in `matrices/*.yaml`):
 | loss        | l1, smooth-l1, iou, giou, bounded-iou                         | l1          |
 | precision   | fp32, amp, bf16                                               | fp32        |
 | pretrain    | imagenet, tnr, coco-caffe-ms-3x                               | imagenet    |
-| classes     | coco, person, person-bicycle-car                              | coco        |
+| classes     | coco, person, person-bicycle-car, dataset                     | coco        |
 | era         | current, jan-2020 (the pre-PR-#2410 defaults; FPN with L1 only)  | current     |
 """
 
@@ -53,7 +53,9 @@ AXES: dict[str, tuple[str, ...]] = {
     "loss": ("l1", "smooth-l1", "iou", "giou", "bounded-iou"),
     "precision": ("fp32", "amp", "bf16"),
     "pretrain": ("imagenet", "tnr", "coco-caffe-ms-3x"),
-    "classes": ("coco", "person", "person-bicycle-car"),
+    # dataset: every category of the annotation file, in id order; the harness reads them from the
+    # data at planning time and sizes the head (`harness run --classes dataset`).
+    "classes": ("coco", "person", "person-bicycle-car", "dataset"),
     "era": ("current", "jan-2020"),
 }
 DEFAULT_AXES: dict[str, str] = {axis: values[0] for axis, values in AXES.items()}
@@ -208,8 +210,8 @@ def _era(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
 
 
 def _classes(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
-    if a["classes"] == "coco":
-        if a["pretrain"] == "coco-caffe-ms-3x":
+    if a["classes"] in ("coco", "dataset"):  # dataset: the harness sets the classes from the data
+        if a["pretrain"] == "coco-caffe-ms-3x" and a["classes"] == "coco":
             raise ConfigError("axes.pretrain: 'coco-caffe-ms-3x' is only used by the COCO-subset finetunes")
         return cfg
     classes = COCO_PERSON if a["classes"] == "person" else COCO_PERSON_BICYCLE_CAR

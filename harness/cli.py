@@ -12,6 +12,7 @@ profile, the flags and the matrix together, then hands `harness.runs.run_jobs` a
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -37,15 +38,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(USAGE)
 
 
-def _int_at_least(low: int, what: str) -> Callable[[str], int]:
-    """An argparse `type` for integers >= `low`; `what` names them in the error."""
+def _int_at_least(low: int, what: str, *, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type` for integers >= `low` (and <= `high`); `what` names them in the error."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = low - 1
-        if value < low:
+        if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -71,14 +72,18 @@ def _add_run_flags(p: argparse.ArgumentParser, *, profile: str = "smoke", matrix
                    help="local subprocesses (default) or submitit (Slurm when sbatch is there; needs the cluster extra)")  # fmt: skip
     p.add_argument("--jobs", type=_positive, default=1, metavar="N", help="cells in flight at once (default 1)")
     p.add_argument("--nproc-per-cell", type=_positive, default=1, metavar="N", help="torchrun processes per cell")
-    p.add_argument("--seed", type=_non_negative, default=0, metavar="S", help="first seed (default 0)")
-    p.add_argument("--seeds", type=_positive, default=1, metavar="K", help="run seeds S .. S+K-1 (default 1)")
+    p.add_argument("--seed", type=_int_at_least(0, "an integer from 0 to 2**31 - 1", high=2**31 - 1), default=0,
+                   metavar="S", help="first seed (default 0)")  # fmt: skip
+    p.add_argument("--seeds", type=_int_at_least(1, "an integer from 1 to 100", high=100), default=1, metavar="K",
+                   help="run seeds S .. S+K-1 (default 1, at most 100)")  # fmt: skip
     p.add_argument("--runs-dir", metavar="DIR", help="default: <repo>/runs")
     p.add_argument("--force", action="store_true", help="run finished cells again (old outputs go to _previous/)")
     p.add_argument("--pretrained", nargs="+", action="extend", default=[], metavar="NAME=FILE",
                    help="local file for a pretrained name, e.g. torchvision://resnet50=/w/resnet50.pth")  # fmt: skip
     p.add_argument("--timeout-min", type=_positive, metavar="MIN", help="submitit job time limit (default 3 days)")
     p.add_argument("--slurm-partition", metavar="NAME", help="submitit on Slurm: the partition")
+    p.add_argument("--classes", choices=("dataset",),
+                   help="dataset: train the annotation file's own categories (id order), the head sized to them")
     p.add_argument("--allow-random-init", action="store_true",
                    help="let a profile compared with the published numbers (full) start without its pretrained "
                         "weights; the random initialisation is recorded as a deviation")  # fmt: skip
@@ -396,6 +401,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     ann = _existing(args.ann, "--ann")
+    if args.out.endswith(("/", os.sep)):
+        raise UserError(f"--out {args.out}: is a folder; give the file to write, e.g. {args.out.rstrip('/')}/instances_train2017.json")
     summary = subset_annotations(ann, Path(args.out), categories=categories, max_images=args.max_images)
     print(f"wrote {summary['out']}: {summary['images']} images, {summary['annotations']} annotations")
     return OK
@@ -434,11 +441,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("harness: interrupted; finished cells keep their result.json, the others resume next time\n")
         return INTERRUPTED
+    except OSError as exc:
+        # A read-only, permission-denied or full runs / reports folder: the user's machine, not a bug.
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = exc.filename or "a file"
+        hint = " (choose another with --runs-dir / --reports-dir)" if exc.errno != errno.ENOSPC else " (free some space)"
+        sys.stderr.write(f"harness: error: {where}: {exc.strerror}{hint}; finished cells keep their results\n")
+        return USAGE
     except Exception as exc:
         if isinstance(exc, _user_errors()):
             sys.stderr.write(f"harness: error: {_one_line(str(exc))}\n")
             return USAGE
         raise
+
+
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 _DETECTOR_USER_ERRORS = (

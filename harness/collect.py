@@ -191,7 +191,8 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "load_1m": machine.get("load_1m"),
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
-        "deviations": tuple(metrics.get("deviations") or ()),
+        # The harness's data notes (repairs, drops, the categories trained) are deviations of the run too.
+        "deviations": tuple(metrics.get("deviations") or ()) + tuple(n for n in notes if n.startswith("data: ")),
         "notes": notes,
         "quirks": " ".join(quirk_ids(notes)),
         "git_commit": prov.get("git_commit"),

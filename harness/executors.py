@@ -106,7 +106,19 @@ def _spawn(command: CellCommand, *, keep_fds: Sequence[int] = ()) -> subprocess.
             env=env,
             start_new_session=True,
             pass_fds=tuple(keep_fds),
+            preexec_fn=_die_with_parent,
         )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the harness dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so that a killed harness never leaves a cell training as an orphan that holds
+    its lock. The cell's own SIGTERM handling then ends it like a Ctrl-C; its checkpoints stay."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:

@@ -55,7 +55,7 @@ def compose(axes: Mapping[str, str]) -> str:
     """
     a = {**DEFAULT_AXES, **axes}
     backbone = a["backbone"] + ("-caffe" if a["style"] == "caffe" else "")
-    implied_pretrain = "imagenet" if a["classes"] == "coco" else "coco-caffe-ms-3x"
+    implied_pretrain = "coco-caffe-ms-3x" if a["classes"] in ("person", "person-bicycle-car") else "imagenet"
     if a["pretrain"] == "tnr":
         backbone += "-tnr-pre"
     elif a["pretrain"] != implied_pretrain:
@@ -77,7 +77,8 @@ def compose(axes: Mapping[str, str]) -> str:
     if a["precision"] != "fp32":
         schedule = f"{a['precision']}-{schedule}"
     parts.append(schedule)
-    parts.append("coco" if a["classes"] == "coco" else f"coco-{a['classes']}")
+    # classes dataset: the user's own categories, not COCO's; the suffix says so.
+    parts.append({"coco": "coco", "dataset": "dataset"}.get(a["classes"], f"coco-{a['classes']}"))
     return "_".join(parts)
 
 

@@ -10,15 +10,18 @@ implement) is recorded `skipped` with the reason; it is never given made-up numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from detector.config import ConfigError, DetectorConfig, RunConfig
+from detector.validate import DatasetReport, check_classes, validate_split
 from harness.errors import UserError
 from harness.executors import make_executor, thread_env
 from harness.matrix import Cell, MatrixSpec, Profile
@@ -226,6 +229,57 @@ def missing_initialisation(cells: Sequence[tuple[str, DetectorConfig]], pretrain
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataCheck:
+    """The validated splits of a run's data root (`check_data`), what cells are fitted against."""
+
+    train: DatasetReport
+    val: DatasetReport | None
+
+    def fit(self, cell: str, cfg: DetectorConfig, *, from_dataset: bool) -> DetectorConfig:
+        """`cfg` trained on the file's own categories (`from_dataset`), else checked against them."""
+        if from_dataset:
+            names = tuple(name for _id, name in sorted(self.train.categories))  # id order
+            return dataclasses.replace(cfg, num_classes=len(names), data=dataclasses.replace(cfg.data, classes=names))
+        for split in (self.train, self.val):
+            if split is not None:
+                check_classes(split, cell=cell, classes=cfg.data.classes, num_classes=cfg.num_classes)
+        return cfg
+
+    def notes_for(self, cfg: DetectorConfig) -> tuple[str, ...]:
+        """The run's data notes for result.json: repairs, drops, and the categories trained."""
+        notes = [f"data: {n}" for split in (self.train, self.val) if split is not None for n in split.notes]
+        if cfg.data.classes and len(cfg.data.classes) == len(self.train.categories) and set(cfg.data.classes) == set(
+            self.train.category_names
+        ):
+            notes.append(f"data: trained on the dataset's own {len(cfg.data.classes)} categories: {', '.join(cfg.data.classes)}")
+        return tuple(notes)
+
+
+def _resolvable(cell: Cell) -> DetectorConfig | None:
+    from detector.recipes import resolve
+
+    try:
+        return resolve(dict(cell.axes), name=cell.name)
+    except ConfigError:
+        return None  # plan_run records it as skipped
+
+
+def check_data(data_root: Path, *, log: Callable[[str], None]) -> DataCheck:
+    """Validate the train split (and val2017 when present) once, before any cell starts."""
+    t0 = time.monotonic()
+    train = validate_split(data_root / TRAIN_ANN, data_root / TRAIN_IMAGES)
+    has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
+    val = validate_split(data_root / VAL_ANN, data_root / VAL_IMAGES) if has_val else None
+    took = time.monotonic() - t0
+    counted = f"{train.images} train images" + (f", {val.images} val images" if val else "")
+    log(f"data checked in {took:.1f} s: {counted}, {len(train.categories)} categories")
+    for split in (train, val):
+        for note in split.notes if split else ():
+            log(f"data: {note}")
+    return DataCheck(train=train, val=val)
+
+
 def plan_run(
     matrix: MatrixSpec,
     profile: Profile,
@@ -237,12 +291,17 @@ def plan_run(
     device: str,
     pretrained: dict[str, Path],
     require_pretrained: bool = False,
+    data: DataCheck | None = None,
+    classes: str | None = None,
 ) -> list[CellJob]:
     """One `CellJob` per (cell, seed), in matrix order then seed order.
 
     With `require_pretrained` (a profile compared with the published numbers) a cell whose published
     initialisation has no local file is refused here, before anything runs: days of GPU time from a
     random-initialised backbone cannot reproduce a number trained from ImageNet weights.
+
+    `data` (the validated splits, `check_data`): each cell's categories are checked against them;
+    `classes="dataset"` (or a cell's axis `classes: dataset`) trains the file's own categories.
     """
     from detector.recipes import resolve
 
@@ -253,6 +312,8 @@ def plan_run(
             cfg, problem = resolve(dict(cell.axes), name=cell.name), None
         except ConfigError as exc:
             cfg, problem = None, f"the recipe cannot resolve this cell: {exc}"
+        if cfg is not None and data is not None:
+            cfg = data.fit(cell.name, cfg, from_dataset=classes == "dataset" or cell.axes.get("classes") == "dataset")
         if cfg is not None:
             problem = build_problem(cfg)
         resolved.append((cell, cfg, problem))
@@ -262,7 +323,7 @@ def plan_run(
         names = ", ".join(sorted(used)) or "none"
         raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {names}")
     check_pretrained_files(pretrained)
-    if require_pretrained:
+    if require_pretrained:  # execute_run checks this before the data; direct callers get it here
         missing_initialisation([(cell.name, cfg) for cell, cfg, _p in resolved if cfg is not None], pretrained)
     jobs: list[CellJob] = []
     for cell, cfg, problem in resolved:
@@ -276,7 +337,8 @@ def plan_run(
                 name=cell.name, matrix=matrix.name, profile=profile.name, seed=seed,
                 folder=cell_dir(runs_dir, matrix.name, profile.name, cell.name, seed),
                 spec={"config": cfg.to_dict() if cfg is not None else None, "run": run.to_dict()},
-                axes=dict(cell.axes), notes=tuple(cfg.notes) if cfg is not None else (), skip_reason=problem,
+                axes=dict(cell.axes), skip_reason=problem,
+                notes=(tuple(cfg.notes) if cfg is not None else ()) + (data.notes_for(cfg) if data and cfg else ()),
             ))  # fmt: skip
     return jobs
 
@@ -305,9 +367,13 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
     # Compared with the published numbers: the published initialisation, unless refused on purpose.
     require = profile.compare == "published" and not getattr(args, "allow_random_init", False)
+    if require:  # before the data check, which reads every image header
+        check_pretrained_files(pretrained)
+        missing_initialisation([(c.name, cfg) for c in cells if (cfg := _resolvable(c)) is not None], pretrained)
+    data = check_data(data_root, log=log)
     jobs = plan_run(
         matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device,
-        pretrained=pretrained, require_pretrained=require,
+        pretrained=pretrained, require_pretrained=require, data=data, classes=getattr(args, "classes", None),
     )  # fmt: skip
     where = profile_dir(runs_dir, matrix.name, profile.name)
     log(f"{matrix.name} / {profile.name}: {len(cells)} cells x {len(seeds)} seed(s) on {device} "
@@ -325,7 +391,9 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
 
 
 __all__ = [
+    "DataCheck",
     "build_problem",
+    "check_data",
     "check_pretrained_files",
     "check_coco_root",
     "dataset_root",

@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -162,7 +163,18 @@ class CellLock:
             os.close(fd)
             return False
         self.fd = fd
+        # Who holds it, for the runner that finds it busy (the file's content is only a label; the
+        # flock is the lock).
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node() or 'unknown host'}\n".encode(), 0)
         return True
+
+    def holder(self) -> str:
+        """"pid N on HOST" of the runner holding the lock, or "" when unknown."""
+        try:
+            return self.path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
 
     def release(self) -> None:
         if self.fd is not None:
@@ -336,7 +348,8 @@ def run_jobs(
     def start(job: CellJob, *, after_wait: bool = False) -> Handle | None:
         lock = CellLock(job.folder)
         if not lock.acquire(blocking=after_wait):
-            say(job, "busy", "another runner holds it; waiting for it at the end")
+            who = lock.holder()
+            say(job, "busy", f"another runner ({who or 'unknown'}) holds it; waiting for it at the end")
             busy.append(job)
             return None
         try:
