@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -170,14 +171,20 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def _is_refusal(exc: BaseException) -> bool:
     """Whether torch's weights-only unpickler refused a global (as opposed to a damaged file)."""
-    return isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc)
+    text = str(exc)
+    return isinstance(exc, pickle.UnpicklingError) and (
+        "Unsupported global" in text or "unsupported GLOBAL" in text
+    )
 
 
 def _unpickle_reason(exc: BaseException) -> str:
+    """The refused global in our words. torch's own text recommends `weights_only=False`, which would
+    run code from the file: this harness never does, so that advice is not passed on."""
     text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split(". Please use", 1)[0]
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    match = re.search(r"(?:unsupported GLOBAL|Unsupported global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text)
+    what = f" ({match.group(1)})" if match else ""
+    return (f"it holds a Python object that is not plain weights{what}; the harness loads checkpoints with "
+            "weights_only=True and never runs code from them: re-save the file with tensors only")
 
 
 def split_checkpoint(obj: Any, path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

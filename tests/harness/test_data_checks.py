@@ -150,3 +150,39 @@ def test_kill_9_of_the_harness_leaves_no_orphan_cell(tmp_path: Path) -> None:
     assert lock.fd is not None, f"still held by {lock.holder()}"
     assert lock.holder() == f"pid {os.getpid()} on {__import__('platform').node()}"
     lock.release()
+
+
+def test_read_only_or_full_runs_folder_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """As root a chmod cannot make a folder read-only, so the OSError is injected where writes happen."""
+    import errno
+
+    import harness.planning
+    from harness.cli import main
+
+    for code, words in ((errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device")):
+        def boom(*_a: object, **_k: object) -> None:
+            raise OSError(code, words, "/data/runs/faster_rcnn/smoke/x/spec.json")
+
+        monkeypatch.setattr(harness.planning, "execute_run", boom)
+        assert main(["run", "faster_rcnn"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("harness: error: /data/runs/faster_rcnn/smoke/x/spec.json: " + words)
+
+
+def test_unsafe_checkpoint_message_never_recommends_weights_only_false(tmp_path: Path) -> None:
+    import os
+
+    import torch
+
+    from detector.weights import WeightsError, read_checkpoint
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": Evil()}, path)
+    with pytest.raises(WeightsError) as err:
+        read_checkpoint(path)
+    assert "never runs code" in str(err.value) and "weights_only=False" not in str(err.value).replace("weights_only=True", "")
+    assert "set to `False`" not in str(err.value)
