@@ -104,10 +104,15 @@ class RegressionSpec:
     determinism: str | None  # a check id run twice; every metric must be identical (CPU only)
     tolerances: tuple[Tolerance, ...]
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # device class -> entry
+    # Consulted first when this machine is of another kind than the baseline's (`harness.machine`):
+    # another CPU vendor / model, ISA (AVX2, AVX512, AVX512-BF16, AMX), torch / oneDNN build or
+    # thread count changes float results; calibrated in the file, beside each entry.
+    cross_machine: tuple[Tolerance, ...] = ()
 
-    def tolerance(self, metric: str, check: str = "") -> Tolerance:
-        """The first tolerance matching `metric` of `check` (validated: the last one matches all)."""
-        for tol in self.tolerances:
+    def tolerance(self, metric: str, check: str = "", *, cross_machine: bool = False) -> Tolerance:
+        """The first tolerance matching `metric` of `check` (validated: the last one matches all);
+        with `cross_machine`, the cross-machine entries are looked through first."""
+        for tol in (*self.cross_machine, *self.tolerances) if cross_machine else self.tolerances:
             if fnmatch.fnmatchcase(metric, tol.pattern) and fnmatch.fnmatchcase(check, tol.check):
                 return tol
         raise UserError(f"{self.path}: no tolerance matches metric {metric!r}; add one under 'tolerances'")
@@ -153,7 +158,7 @@ class Finding:
 
 
 def compare_metrics(check: str, measured: dict[str, float], baseline: dict[str, float],
-                    spec: RegressionSpec) -> list[Finding]:  # fmt: skip
+                    spec: RegressionSpec, *, cross_machine: bool = False) -> list[Finding]:  # fmt: skip
     """Every metric of `baseline` and of `measured`, judged with the spec's tolerances.
 
     A metric in the baseline that the run did not produce, or one the run produced that the
@@ -167,7 +172,7 @@ def compare_metrics(check: str, measured: dict[str, float], baseline: dict[str, 
             out.append(Finding(check=check, metric=metric, baseline=base, measured=got, tolerance="-", ok=False,
                                note=note))  # fmt: skip
             continue
-        tol = spec.tolerance(metric, check)
+        tol = spec.tolerance(metric, check, cross_machine=cross_machine)
         b, m = float(base), float(got)
         out.append(Finding(check=check, metric=metric, baseline=b, measured=m, tolerance=tol.describe(),
                            ok=tol.allows(b, m), allowed=tol.allowance(b)))  # fmt: skip
@@ -204,12 +209,14 @@ def load_spec(path: Path) -> RegressionSpec:
     suites = tuple(_suite(r.sub("suites", name), name) for name in r.mapping("suites"))
     over = r.sub("overfit") if r.get("overfit") is not None else None
     tolerances = tuple(_tolerance(r.item("tolerances", i)) for i in range(len(r.seq("tolerances"))))
+    cross = (tuple(_tolerance(r.item("cross_machine_tolerances", i)) for i in range(len(r.seq("cross_machine_tolerances"))))
+             if r.get("cross_machine_tolerances") is not None else ())  # fmt: skip
     spec = RegressionSpec(
         path=path, matrix=r.text("matrix"), profile=r.text("profile"), seed=r.integer("seed", low=0),
         threads=r.integer("threads", low=1), jobs=r.integer("jobs", low=1), budget=_budget(r.sub("budget")),
         suites=suites, overfit=_overfit(over) if over is not None else None,
         determinism=r.text("determinism") if r.get("determinism") is not None else None,
-        tolerances=tolerances, baselines=dict(r.get("baselines") or {}),
+        tolerances=tolerances, baselines=dict(r.get("baselines") or {}), cross_machine=cross,
     )  # fmt: skip
     if not suites:
         raise UserError(f"{path}: field 'suites': at least one suite is needed")

@@ -59,7 +59,7 @@ class Progress:
     jobs: int = 1  # cells in flight at once: the waiting ones run that many at a time
     every_s: float = 15.0
     now: Callable[[], float] = time.monotonic
-    started: dict[str, tuple[Path, float]] = field(default_factory=dict)  # label -> (folder, t0)
+    started: dict[str, tuple[Path, float]] = field(default_factory=dict)  # key -> (folder, t0); key: unique per job
     walls: list[float] = field(default_factory=list)  # wall times of cells run (not cached) to the end
     settled: int = 0  # finished, cached, skipped or busy: nothing left to do for them here
     _last: dict[str, tuple[float, int]] = field(default_factory=dict)  # label -> (time printed, iter)

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness import machine
 from harness.baselines import RegressionSpec, default_path, load_spec, write_baseline
 from harness.errors import UserError
 from harness.regression_report import fingerprint, judge, portable_spec_hash, print_judgement
@@ -282,6 +283,7 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
     from harness.matrix import repo_root
 
     device = _device(device)
+    cross = _announce_machine(spec, device, say)
     wants_data = needs_data(spec, only)
     data_root = resolve_data(data, ci=ci, log=say) if wants_data else None
     runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
@@ -290,7 +292,7 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
         raise UserError("regression: nothing to run (every selected check needs the real data, see above)")
     outcome = execute(spec, checks, device=device, log=say)
     verdict = judge(spec, checks, outcome, device_class=_device_class(device),
-                    data_missing=wants_data and data_root is None)
+                    data_missing=wants_data and data_root is None, cross_machine=cross)
     print_judgement(verdict, spec, checks, device_class=_device_class(device))
     from harness.runs import write_json_atomic
 
@@ -342,6 +344,7 @@ def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, on
         "provenance": {
             "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"], "versions": prov["versions"],
             "device": device, "device_class": dclass, "cpu": cpu_model(), "threads_per_cell": spec.threads,
+            "machine": machine.fingerprint(threads=spec.threads) if device == "cpu" else None,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "updated_at": now_iso(),
             "command": command,
         },
@@ -353,6 +356,23 @@ def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, on
     say(f"baselines for {dclass}: {stored} checks written to {path}{held} (commit {prov['git_commit'][:12]}"
         f"{', dirty tree' if prov['git_dirty'] else ''})")  # fmt: skip
     return 0
+
+
+def _announce_machine(spec: RegressionSpec, device: str, say: Log) -> bool:
+    """Say, first, whether this machine is of the baseline's kind; True when it is not (cross-machine
+    tolerances apply). GPUs are compared by device class alone."""
+    if device != "cpu":
+        return False
+    entry = spec.baselines.get(_device_class(device)) or {}
+    theirs = (entry.get("provenance") or {}).get("machine")
+    mine = machine.fingerprint(threads=spec.threads)
+    if machine.same_kind(theirs, mine):
+        say(f"regression: this machine is of the baseline's kind ({machine.describe(mine)}): exact tolerances")
+        return False
+    how = f"cross-machine tolerances ({len(spec.cross_machine)} entries of cross_machine_tolerances, then the rest)"
+    say(f"regression: this machine ({machine.describe(mine)}) is not of the baseline's kind "
+        f"({machine.describe(theirs)}): float results differ by design; comparing with {how}")  # fmt: skip
+    return True
 
 
 def cpu_model() -> str:

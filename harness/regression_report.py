@@ -77,7 +77,7 @@ def portable_spec_hash(spec: dict[str, Any]) -> str:
 
 
 def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, Any]], *, device_class: str,
-          data_missing: bool, need_baseline: bool = True) -> Judgement:  # fmt: skip
+          data_missing: bool, need_baseline: bool = True, cross_machine: bool = False) -> Judgement:  # fmt: skip
     """One verdict per check (see the module docstring); `checks` are `harness.regression.Check`s."""
     entry = spec.baselines.get(device_class)
     verdict = Judgement(checks=[], baseline=(entry or {}).get("provenance"))
@@ -102,7 +102,7 @@ def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, 
         deviations = ((got.get("result") or {}).get("metrics") or {}).get("deviations") or []
         v.notes += [f"runs {d}" for d in deviations if "autocast" in d]  # AMP as this device can run it
         if check.kind in ("compare", "overfit") and need_baseline and entry is not None:
-            _against_baseline(v, spec, check, metrics, (entry.get("checks") or {}).get(check.id))
+            _against_baseline(v, spec, check, metrics, (entry.get("checks") or {}).get(check.id), cross_machine)
         if check.kind == "overfit" and spec.overfit is not None:
             for metric, minimum in spec.overfit.require.items():
                 value = metrics.get(metric)
@@ -127,7 +127,7 @@ def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, 
 
 
 def _against_baseline(v: CheckVerdict, spec: RegressionSpec, check: Any, metrics: dict[str, float],
-                      base: dict[str, Any] | None) -> None:  # fmt: skip
+                      base: dict[str, Any] | None, cross_machine: bool = False) -> None:  # fmt: skip
     if base is None:
         v.problems.append(f"no baseline for this check in {spec.path}; add one on purpose: `harness baseline update`")
         return
@@ -142,7 +142,7 @@ def _against_baseline(v: CheckVerdict, spec: RegressionSpec, check: Any, metrics
     if portable_spec_hash(check.job.spec) != base.get("spec_sha256"):
         v.notes.append("the cell's resolved config / run settings differ from the baseline's (spec sha256 changed); "
                        "if that is on purpose, refresh with `harness baseline update`")  # fmt: skip
-    v.findings = compare_metrics(check.id, metrics, dict(base.get("metrics") or {}), spec)
+    v.findings = compare_metrics(check.id, metrics, dict(base.get("metrics") or {}), spec, cross_machine=cross_machine)
 
 
 def baseline_label(spec: RegressionSpec, device_class: str) -> str:

@@ -329,11 +329,11 @@ def run_jobs(
     active: dict[int, tuple[_Attempt, Handle]] = {}
     busy: list[CellJob] = []
     progress = Progress(total=len(jobs), jobs=max_in_flight, every_s=progress_s)
-    by_label = {job.label: job for job in jobs}
+    by_key = {str(job.folder): job for job in jobs}  # folders are unique; labels are not (regression suites)
 
     def tick() -> None:
-        for label, text in progress.lines():
-            say(by_label[label], "train", text)
+        for key, text in progress.lines():
+            say(by_key[key], "train", text)
 
     def say(job: CellJob, what: str, text: str = "") -> None:
         log(f"[{number[id(job)]:>{width}}/{len(jobs)}] {what:<7} {job.label}" + (f": {text}" if text else ""))
@@ -373,7 +373,7 @@ def run_jobs(
             summary.statuses[job.label] = str(done.get("status"))
             summary.cached.append(job.label)
             say(job, "done", f"{done.get('status')} before under the same config {job.config_hash[:12]}")
-            progress.finish(job.label, ran=False)
+            progress.finish(str(job.folder), ran=False)
             return None
         old = read_json(job.folder / SPEC)
         if force or (old is not None and config_hash(old) != job.config_hash):
@@ -387,14 +387,14 @@ def run_jobs(
             write_json_atomic(job.folder / RESULT, result)
             summary.statuses[job.label] = "skipped"
             say(job, "skipped", job.skip_reason)
-            progress.finish(job.label, ran=False)
+            progress.finish(str(job.folder), ran=False)
             return None
         say(job, "start")
         attempt = _Attempt(job=job, lock=lock, started_at=now_iso(), t0=time.monotonic())
         command = CellCommand(cell_dir=job.folder, argv=make_argv(job.folder), env=dict(env or {}))
         handle = executor.submit(command, keep_fds=() if lock.fd is None else (lock.fd,))
         active[id(job)] = (attempt, handle)
-        progress.start(job.label, job.folder)
+        progress.start(str(job.folder), job.folder)
         return handle
 
     def finish(job: CellJob, code: int) -> None:
@@ -415,7 +415,7 @@ def run_jobs(
             else:
                 # The last line of a traceback tail is the exception; of a metrics error, the error.
                 detail = (error or "").strip().splitlines()[-1] if error and error.strip() else ""
-            progress.finish(job.label, ran=True)
+            progress.finish(str(job.folder), ran=True)
             say(job, status, f"{wall:.1f} s" + (f", {detail}" if detail else ""))
         finally:
             attempt.lock.release()
