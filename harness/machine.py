@@ -82,7 +82,7 @@ def fingerprint(*, threads: int) -> dict[str, Any]:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     return {
         "vendor": vendor, "cpu": model, "isa": effective_isa(flags, cap), "isa_cap": cap,
-        "torch": torch.__version__, "onednn": onednn_version(), "threads": threads,
+        "torch": str(torch.__version__), "onednn": onednn_version(), "threads": threads,
     }  # fmt: skip
 
 

@@ -283,9 +283,9 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
     from harness.matrix import repo_root
 
     device = _device(device)
-    cross = _announce_machine(spec, device, say)
     wants_data = needs_data(spec, only)
     data_root = resolve_data(data, ci=ci, log=say) if wants_data else None
+    cross = _announce_machine(spec, device, say)  # the first line of a run (bad input is refused before)
     runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
     checks = plan_checks(spec, data_root=data_root, runs_dir=runs, device=device, only=only, log=say)
     if not checks:
