@@ -96,4 +96,4 @@ def bench(session: nox.Session) -> None:
     _install(session)
     # By default also the ablation and the operator profile that reports/benchmarks.md discusses
     # (about 10 minutes on 2 cores); any arguments replace these (e.g. `-- --pairs 3`).
-    session.run("python", "-m", "detector.bench_vs_torchvision", *(session.posargs or ["--ablation", "--profile"]))
+    session.run("python", "-m", "detector.bench.vs_torchvision", *(session.posargs or ["--ablation", "--profile"]))

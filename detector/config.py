@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 Style = Literal["pytorch", "caffe"]
@@ -254,7 +254,7 @@ class RunConfig:
     # would otherwise write ~16 GB of final checkpoints).
     checkpoint_interval: int | None = 1000
     log_interval: int = 50
-    # fps measured with detections like a trained model's (`detector.bench_pair.set_detection_bias`
+    # fps measured with detections like a trained model's (`detector.bench.pair.set_detection_bias`
     # after evaluation): random or briefly trained weights give next to no detections, which makes
     # post-processing look free.
     bench_detections: bool = False

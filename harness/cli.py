@@ -6,7 +6,7 @@ failed or a comparison is out of tolerance; 2 bad input (one line `harness: erro
 traceback); 130 interrupted.
 
 Turning a profile into cells to run (`plan_run`) lives here too: it is the one place that reads the
-profile, the flags and the matrix together, then hands `harness.runs.run_jobs` a list of cell jobs.
+profile, the flags and the matrix together, then hands `harness.execute.runner.run_jobs` a list of cell jobs.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from harness.matrix import load_matrix
+    from harness.matrix.spec import load_matrix
 
     matrix = load_matrix(args.matrix)
     cells = matrix.cells_for(args.profile) if args.profile else list(matrix.cells)
@@ -215,14 +215,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _resolved(matrix_name: str, cell_name: str) -> tuple[Any, Any]:
     from detector.recipes import resolve
-    from harness.matrix import load_matrix
+    from harness.matrix.spec import load_matrix
 
     cell = load_matrix(matrix_name).cell(cell_name)
     return cell, resolve(cell.axes, name=cell.name)
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from detector.model import describe
+    from detector.model.faster_rcnn import describe
 
     cell, cfg = _resolved(args.matrix, args.cell)
     info = _jsonable(describe(cfg))
@@ -251,17 +251,17 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.planning import execute_run
+    from harness.execute.plan import execute_run
 
     summary, _matrix = execute_run(args, log=_log)
     return FAILED if summary.count("failed") else OK
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from harness.collect import collect, load_loss_curves, loss_trends
-    from harness.compare import compare, comparison_exit_code, summary_counts
-    from harness.planning import execute_run, runs_dir_of
-    from harness.report import write_report
+    from harness.results.collect import collect, load_loss_curves, loss_trends
+    from harness.results.compare import compare, comparison_exit_code, summary_counts
+    from harness.execute.plan import execute_run, runs_dir_of
+    from harness.publish.page import write_report
 
     summary, matrix = execute_run(args, log=_log)
     runs_dir = runs_dir_of(args)
@@ -288,14 +288,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_regression(args: argparse.Namespace) -> int:
     """`nox -s regression`: the checks of matrices/baselines/MATRIX.yaml; exit 1 on a regression."""
-    from harness.regression import run_regression
+    from harness.regression.check import run_regression
 
     return run_regression(**_regression_kwargs(args), log=_log)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """`harness baseline update`: refresh the baselines on purpose, with their provenance."""
-    from harness.regression import update_baselines
+    from harness.regression.check import update_baselines
 
     flags = " ".join(f"{k} {v}" for k, v in (("--data", args.data), ("--device", args.device)) if v)
     command = " ".join(["harness baseline update", args.matrix, flags, *(["--only", *args.only] if args.only else [])])
@@ -311,9 +311,9 @@ def _regression_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.matrix import load_matrix
-    from harness.planning import runs_dir_of
-    from harness.report import write_report
+    from harness.matrix.spec import load_matrix
+    from harness.execute.plan import runs_dir_of
+    from harness.publish.page import write_report
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
@@ -322,9 +322,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, comparison_exit_code, comparison_records, format_comparison
-    from harness.matrix import load_matrix
-    from harness.planning import runs_dir_of
+    from harness.results.compare import compare, comparison_exit_code, comparison_records, format_comparison
+    from harness.matrix.spec import load_matrix
+    from harness.execute.plan import runs_dir_of
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
@@ -337,9 +337,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from harness.estimate import estimate, format_estimate
-    from harness.matrix import load_matrix
-    from harness.planning import runs_dir_of
+    from harness.results.estimate import estimate, format_estimate
+    from harness.matrix.spec import load_matrix
+    from harness.execute.plan import runs_dir_of
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
@@ -352,7 +352,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from detector.coco_eval import evaluate_files
+    from detector.data.coco_eval import evaluate_files
 
     stats = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"))
     if args.format == "json":
@@ -364,10 +364,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        from detector.weights import verify
+        from detector.model.weights import verify
     except ImportError as exc:
-        raise UserError(f"verify: the checkpoint verifier (detector.weights.verify) is not available: {exc}") from None
-    from harness.planning import check_coco_root, default_device
+        raise UserError(f"verify: the checkpoint verifier (detector.model.weights.verify) is not available: {exc}") from None
+    from harness.execute.plan import check_coco_root, default_device
 
     _cell, cfg = _resolved(args.matrix, args.cell)
     root = check_coco_root(Path(args.data), "--data", need="eval")
@@ -379,7 +379,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from detector.measure import bench
+    from detector.bench.measure import bench
 
     _cell, cfg = _resolved(args.matrix, args.cell)
     try:
@@ -392,12 +392,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
-        from detector.synth import make_synthetic_coco
+        from detector.data.synth import make_synthetic_coco
 
         out = make_synthetic_coco(Path(args.out), images=args.images, seed=args.seed)
         print(f"wrote a synthetic COCO root with {args.images} train images (seed {args.seed}) to {out}")
         return OK
-    from detector.data import subset_annotations
+    from detector.data.coco import subset_annotations
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     ann = _existing(args.ann, "--ann")
@@ -461,8 +461,8 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, err
 
 _DETECTOR_USER_ERRORS = (
     ("detector.config", "ConfigError"),
-    ("detector.data", "DataError"),
-    ("detector.weights", "WeightsError"),
+    ("detector.data.coco", "DataError"),
+    ("detector.model.weights", "WeightsError"),
 )
 
 

@@ -13,7 +13,7 @@ export PYTHONPATH="$S:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 {
   echo "== pytest -m gpu"; timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -3
-  echo "== torchvision memory counterpart"; timeout 90 python3 -m detector.cuda_memory_pair --out "$OUT/tv_memory.json" 2>&1 | tail -12
+  echo "== torchvision memory counterpart"; timeout 90 python3 -m detector.bench.cuda_memory_pair --out "$OUT/tv_memory.json" 2>&1 | tail -12
 } > "$OUT/checks.txt" 2>&1
 # The matrix: cells one after another (fps and memory must not share the GPU); whatever finishes
 # within the budget is reported, the rest shows "not run" on the page.

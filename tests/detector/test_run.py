@@ -18,7 +18,7 @@ import torch
 from detector import run as R
 from detector.config import ConfigError, ProposalConfig, RunConfig
 from detector.recipes import resolve
-from detector.synth import make_synthetic_coco
+from detector.data.synth import make_synthetic_coco
 
 SCHEMA_KEYS = {
     "status", "error", "coco", "box_ap", "mem_gb", "mem_kind", "fps", "fps_images", "fps_precision", "iters",
@@ -118,7 +118,7 @@ def test_missing_val_split_evaluates_on_train(tmp_path: Path, data_root: Path, o
 def test_non_finite_loss_exits_3_with_the_iteration_and_terms(
     tmp_path: Path, data_root: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from detector.model import FasterRCNN
+    from detector.model.faster_rcnn import FasterRCNN
 
     forward, calls = FasterRCNN.forward, []
 
@@ -210,8 +210,8 @@ def test_evaluation_wiring_scores_a_perfect_detector_at_100_ap(
 ) -> None:
     """A model that answers each val image with its ground truth must score AP 100: checks the
     original-size rescaling request, label -> category mapping and image ids between run and eval."""
-    from detector import data as D
-    from detector.model import FasterRCNN
+    from detector.data import coco as D
+    from detector.model.faster_rcnn import FasterRCNN
 
     cell = make_cell(tmp_path / "cell", data_root, max_iters=1, bench_images=0)
     cfg, run = R.read_spec(cell)

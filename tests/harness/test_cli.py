@@ -16,7 +16,7 @@ R50 = "faster-rcnn_r50_fpn_1x_coco"
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny generated COCO-2017 root (2 images): the tests never need ../shared."""
-    from detector.synth import make_synthetic_coco
+    from detector.data.synth import make_synthetic_coco
 
     return make_synthetic_coco(tmp_path_factory.mktemp("coco") / "root", images=2, seed=0)
 
@@ -146,8 +146,8 @@ def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path
 def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, coco_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import detector.measure
-    import detector.weights
+    import detector.bench.measure
+    import detector.model.weights
 
     calls: list[tuple[str, dict[str, object]]] = []
 
@@ -159,8 +159,8 @@ def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
         calls.append((getattr(cfg, "name"), kw))
         return {"bbox_mAP": 0.374, "box_ap": 37.4}
 
-    monkeypatch.setattr(detector.measure, "bench", fake_bench)
-    monkeypatch.setattr(detector.weights, "verify", fake_verify)
+    monkeypatch.setattr(detector.bench.measure, "bench", fake_bench)
+    monkeypatch.setattr(detector.model.weights, "verify", fake_verify)
     assert main(["bench", "faster_rcnn_r50_fpn_1x_coco", "--images", "3", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"fps": 1.5, "device": "cpu"}
     ckpt = tmp_path / "r50.pth"
@@ -279,7 +279,7 @@ def test_full_profile_refuses_random_init_before_anything_runs(
 
 def test_verify_accepts_a_val_only_root(tmp_path: Path) -> None:
     from harness.errors import UserError
-    from harness.planning import check_coco_root
+    from harness.execute.plan import check_coco_root
 
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")

@@ -1,6 +1,6 @@
 """Generated COCO roots with one fault each: the bad-input catalogue of issue 14.
 
-`make_root(tmp, case)` writes a 2-image synthetic root (`detector.synth`) and breaks it as `case`
+`make_root(tmp, case)` writes a 2-image synthetic root (`detector.data.synth`) and breaks it as `case`
 says; `CASES` maps each case to the words its one-line error must contain ("" for cases that are
 repaired, not refused). Used by tests/harness/test_data_checks.py and `nox -s badinput`.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detector.synth import make_synthetic_coco
+from detector.data.synth import make_synthetic_coco
 
 ANN = Path("annotations/instances_train2017.json")
 

@@ -1,0 +1,133 @@
+"""The bundled Faster R-CNN: `build_detector(cfg)` and `describe(cfg)`.
+
+Shorthand: N images; image i is `Tensor[3, H_i, W_i]` RGB in [0, 255], already resized by the data
+pipeline; the batch is `Tensor[N, 3, H_pad, W_pad]` with H_pad, W_pad the largest H_i, W_i rounded
+up to the size divisor (32). Boxes are x1y1x2y2 in resized-image pixels unless `original_sizes` is
+given at test time.
+
+Submodule names are MMDetection's (`backbone`, `neck`, `rpn_head`, `roi_head`), so published
+checkpoints load by key (see ARCHITECTURE.md, "The model").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detector.model.backbones import build_backbone, set_fold_bn_
+from detector.config import ConfigError, DetectorConfig
+from detector.model.necks import build_neck
+from detector.model.roi_heads import StandardRoIHead
+from detector.model.rpn import RPNHead
+
+
+class FasterRCNN(nn.Module):
+    """Two-stage detector. Training: `forward(images, targets)` -> the four mmdet loss terms
+    (`loss_rpn_cls`, `loss_rpn_bbox`, `loss_cls`, `loss_bbox`, float32 scalars). Eval:
+    `forward(images, original_sizes=None)` -> per image `{"boxes" [K, 4], "scores" [K], "labels" [K]}`.
+    """
+
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        super().__init__()
+        if cfg.num_classes < 1:
+            raise ConfigError(f"num_classes: {cfg.num_classes} must be >= 1")
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone)
+        self.neck = build_neck(cfg.neck)
+        self.rpn_head = RPNHead(cfg.rpn)
+        self.roi_head = StandardRoIHead(cfg.roi_head, num_classes=cfg.num_classes, backbone=cfg.backbone)
+        norm = cfg.normalize
+        self.register_buffer("pixel_mean", torch.tensor(norm.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(norm.std).view(3, 1, 1), persistent=False)
+        self.to_bgr = norm.to_bgr
+        self.pad_divisor = cfg.data.pad_divisor
+        # CPU batches go channels-last (NHWC): oneDNN's convolutions run NHWC natively, so every conv
+        # skips the NCHW <-> blocked reorders of its input and output (same math, see benchmarks.md).
+        self.cpu_channels_last = True
+        # Frozen-statistics BN folded into its conv (`backbones.conv_bn`): same math, one pass less.
+        set_fold_bn_(self, True)
+
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        original_sizes: list[tuple[int, int]] | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("FasterRCNN.forward: targets are required in training mode")
+        batch, image_sizes, pad_shapes = self.preprocess(images)
+        feats = self.backbone(batch)
+        if self.neck is not None:
+            feats = self.neck(feats)
+        rois, rpn_losses = self.rpn_head(feats, image_sizes, pad_shapes, targets if self.training else None)
+        if targets is not None and self.training:
+            return {**rpn_losses, **self.roi_head.loss(feats, rois, targets)}
+        return self.roi_head.predict(feats, rois, image_sizes, self.scale_factors(image_sizes, original_sizes))
+
+    def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalise (RGB -> BGR first for caffe weights), zero-pad bottom/right to a common size
+        divisible by `pad_divisor` (mmdet pads after normalising, with 0).
+
+        Returns `batch [N, 3, H_pad, W_pad]`, `image_sizes [N, 2]` and `pad_shapes [N, 2]` (each
+        image's own (h, w) rounded up to the divisor), both int64 on the model's device.
+        """
+        if not images:
+            raise ValueError("FasterRCNN.forward: empty image list")
+        device, d = self.pixel_mean.device, self.pad_divisor
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        h_pad = math.ceil(max(h for h, _ in sizes) / d) * d
+        w_pad = math.ceil(max(w for _, w in sizes) / d) * d
+        fmt = torch.channels_last if self.cpu_channels_last and device.type == "cpu" else torch.contiguous_format
+        batch = torch.empty((len(images), 3, h_pad, w_pad), device=device, memory_format=fmt).zero_()
+        for i, im in enumerate(images):
+            im = im.to(device, torch.float32, non_blocking=True)
+            if self.to_bgr:
+                im = im.flip(0)
+            batch[i, :, : sizes[i][0], : sizes[i][1]] = (im - self.pixel_mean) / self.pixel_std
+        image_sizes = torch.tensor(sizes, dtype=torch.long, device=device)
+        pad_shapes = torch.tensor([(math.ceil(h / d) * d, math.ceil(w / d) * d) for h, w in sizes], dtype=torch.long, device=device)
+        return batch, image_sizes, pad_shapes
+
+    def scale_factors(self, image_sizes: Tensor, original_sizes: list[tuple[int, int]] | None) -> Tensor | None:
+        """`Tensor[N, 2]` (x, y) factors from resized to original pixels: original / resized."""
+        if original_sizes is None:
+            return None
+        if len(original_sizes) != image_sizes.shape[0]:
+            raise ValueError(f"FasterRCNN.forward: {len(original_sizes)} original_sizes for {image_sizes.shape[0]} images")
+        orig = torch.tensor([(float(w), float(h)) for h, w in original_sizes], device=image_sizes.device)
+        return orig / image_sizes.flip(1).float()
+
+
+def build_detector(cfg: DetectorConfig) -> FasterRCNN:
+    """The Faster R-CNN that `cfg` describes, randomly initialised as mmdet does before loading
+    pretrained weights (those are the job of `detector.model.weights`)."""
+    return FasterRCNN(cfg)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(total, trainable)` parameter counts; BN affine parameters are counted (they are parameters
+    in mmdet), BN running statistics are not (buffers)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def describe(cfg: DetectorConfig) -> dict[str, Any]:
+    """`{"name", "params_total", "params_trainable", "config"}` for `harness describe`.
+
+    Built on the meta device: no memory is allocated and no init runs, so even X-101-32x8d is
+    instant. `params_trainable` matches mmcv-1.x's counter (requires_grad only, reference 3).
+    """
+    with torch.device("meta"):
+        model = build_detector(cfg)
+    total, trainable = count_parameters(model)
+    return {"name": cfg.name, "params_total": total, "params_trainable": trainable, "config": cfg.to_dict()}
+
+
+__all__ = ["FasterRCNN", "build_detector", "count_parameters", "describe"]

@@ -1,0 +1,409 @@
+"""From `harness run MATRIX --profile P [flags]` to the list of cell jobs, and running them.
+
+The profile (matrices/*.yaml) and the flags decide the data, the budget and the device of every
+cell: they become one `detector.config.RunConfig` per (cell, seed). The cell's axes become its
+`DetectorConfig` through `detector.recipes.resolve`. Both are written to `spec.json`, the one door
+to the detector (ARCHITECTURE.md). A cell the detector cannot build (an axis value it does not
+implement) is recorded `skipped` with the reason; it is never given made-up numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from detector.config import ConfigError, DetectorConfig, RunConfig
+from detector.data.validate import DatasetReport, check_classes, validate_split
+from harness.errors import UserError
+from harness.execute.executors import make_executor, thread_env
+from harness.matrix.spec import Cell, MatrixSpec, Profile
+from harness.execute.provenance import base_provenance
+from harness.execute.cells import cell_dir, check_name, profile_dir
+from harness.execute.runner import CellJob, RunSummary, run_jobs
+
+TRAIN_ANN = "annotations/instances_train2017.json"
+TRAIN_IMAGES = "train2017"
+VAL_ANN = "annotations/instances_val2017.json"
+VAL_IMAGES = "val2017"
+
+
+def runs_dir_of(args: argparse.Namespace) -> Path:
+    """`--runs-dir`, else `<repo>/runs` (git-ignored)."""
+    if getattr(args, "runs_dir", None):
+        return Path(args.runs_dir).resolve()
+    from harness.matrix.spec import repo_root
+
+    return repo_root() / "runs"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_coco_root(root: Path, what: str, *, need: str = "train") -> Path:
+    """`root` made absolute, if it holds what is needed; UserError naming what is missing.
+
+    need="train": the train split (training runs); need="eval": a split to evaluate on, val2017
+    preferred, else train2017 (`harness verify` needs no 18 GB train split).
+    """
+    root = Path(root).expanduser().resolve()
+    holds = f"a COCO-2017 root holds {TRAIN_ANN} and {TRAIN_IMAGES}/"
+    if need == "eval":
+        holds = f"a COCO-2017 root to evaluate on holds {VAL_ANN} and {VAL_IMAGES}/ (or {TRAIN_ANN} and {TRAIN_IMAGES}/)"
+    if not root.is_dir():
+        raise UserError(f"{what} {root}: no such folder; {holds}")
+    splits = [(TRAIN_ANN, TRAIN_IMAGES)] if need == "train" else [(VAL_ANN, VAL_IMAGES), (TRAIN_ANN, TRAIN_IMAGES)]
+    for ann, images in splits:
+        if (root / ann).is_file() and (root / images).is_dir():
+            return root
+    ann, images = splits[0]
+    missing = [ann] if not (root / ann).is_file() else []
+    missing += [f"{images}/"] if not (root / images).is_dir() else []
+    raise UserError(f"{what} {root}: missing {' and '.join(missing)} ({holds})")
+
+
+def synthetic_root(runs_dir: Path, *, images: int, seed: int, size: tuple[int, int] | None = None) -> Path:
+    """The synthetic COCO set for (images, seed), generated once under `<runs>/_data/` and reused.
+
+    Generated into a temporary folder and renamed into place under a lock, so a second runner
+    never sees half a dataset and never generates it twice.
+    """
+    from detector.data.synth import make_synthetic_coco
+
+    base = Path(runs_dir) / "_data"
+    base.mkdir(parents=True, exist_ok=True)
+    root = base / (f"synthetic-{images}-s{seed}" + (f"-{size[0]}x{size[1]}" if size else ""))
+    with open(base / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (root / TRAIN_ANN).is_file():
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
+        try:
+            make_synthetic_coco(tmp, images=images, seed=seed, **({"size": size} if size else {}))
+            shutil.rmtree(root, ignore_errors=True)  # a leftover without annotations
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def dataset_root(
+    matrix: MatrixSpec, profile: Profile, *, data: str | None, runs_dir: Path, seed: int, log: Callable[[str], None]
+) -> Path:
+    """The data root of a run: `--data`, else the profile's path, else the generated synthetic set."""
+    if data:
+        return check_coco_root(Path(data), "--data")
+    data_root = profile.data_root(None)  # UserError for a profile without data ("none")
+    if data_root == "synthetic":
+        t0 = time.monotonic()
+        root = synthetic_root(runs_dir, images=profile.synth_images, seed=seed, size=profile.synth_size)
+        if time.monotonic() - t0 > 1.0:
+            took = time.monotonic() - t0
+            log(f"generated the synthetic set ({profile.synth_images} images, seed {seed}) in {took:.1f} s")
+        return root
+    path = Path(data_root).expanduser()
+    if not path.is_absolute():
+        path = Path(matrix.path).parent / path
+    return check_coco_root(path, f"profile {profile.name!r} data (use --data ROOT to point at COCO 2017):")
+
+
+def parse_pretrained(items: Sequence[str]) -> dict[str, Path]:
+    """`NAME=FILE` pairs -> {name: absolute path}; UserError on a malformed pair or a missing path.
+
+    FILE may also be a folder holding the expected file name (`detector.model.weights.resolve_local`).
+    """
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            example = "torchvision://resnet50=/weights/resnet50-0676ba61.pth"
+            raise UserError(f"--pretrained {item!r}: expected NAME=FILE, e.g. {example}")
+        path = Path(file).expanduser().resolve()
+        if not path.exists():
+            raise UserError(f"--pretrained {name}: no such file or folder: {path}")
+        out[name] = path
+    return out
+
+
+def run_config(
+    profile: Profile,
+    *,
+    data_root: Path,
+    device: str,
+    seed: int,
+    pretrained_path: Path | None = None,
+    load_from_path: Path | None = None,
+) -> RunConfig:
+    """The `RunConfig` of one (cell, seed) from the profile; val files only where they exist."""
+    has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
+    return RunConfig(
+        data_root=str(data_root),
+        train_ann=TRAIN_ANN,
+        train_images=TRAIN_IMAGES,
+        val_ann=VAL_ANN if has_val else None,
+        val_images=VAL_IMAGES if has_val else None,
+        device=device,
+        seed=seed,
+        images_per_gpu=profile.images_per_gpu,
+        workers=profile.workers,
+        max_iters=profile.max_iters,
+        image_scale=profile.image_scale,
+        proposal_cap=profile.proposal_cap,
+        eval_max_images=profile.eval_max_images,
+        checkpoint_interval=profile.checkpoint_interval,
+        log_interval=profile.log_interval,
+        bench_images=profile.bench_images,
+        bench_detections=profile.bench_detections,
+        pretrained_path=str(pretrained_path) if pretrained_path else None,
+        load_from_path=str(load_from_path) if load_from_path else None,
+    )
+
+
+def build_problem(cfg: DetectorConfig) -> str | None:
+    """Why the detector cannot build `cfg` (ConfigError / NotImplementedError), or None if it can.
+
+    The model is built on the meta device: no memory, no init cost, same constructor code. Any
+    other exception is not decided here: the cell runs and its own process reports the error.
+    """
+    try:
+        import torch
+
+        from detector.model.faster_rcnn import build_detector
+    except ImportError:
+        return None
+    try:
+        with torch.device("meta"):
+            build_detector(cfg)
+    except (ConfigError, NotImplementedError) as exc:
+        return f"the detector cannot build this cell: {type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - see docstring
+        return None
+    return None
+
+
+def check_pretrained_files(pretrained: dict[str, Path]) -> None:
+    """Each `--pretrained NAME=PATH` resolves to a file now (a folder must hold the expected file)."""
+    from detector.model.weights import PRETRAINED, WeightsError, resolve_local
+
+    for name, path in pretrained.items():
+        if name not in PRETRAINED:
+            continue  # a `load_from` checkpoint name: the file itself, checked when it is read
+        try:
+            resolve_local(name, path)
+        except WeightsError as exc:
+            raise UserError(f"--pretrained {name}={path}: {exc}") from None
+
+
+def missing_initialisation(cells: Sequence[tuple[str, DetectorConfig]], pretrained: dict[str, Path]) -> None:
+    """UserError naming every published initialisation of `cells` that has no local file.
+
+    A cell needs its `load_from` checkpoint if it has one (it overwrites the backbone), else its
+    ImageNet `pretrained` backbone.
+    """
+    from detector.model.weights import PRETRAINED
+
+    need: dict[str, list[str]] = {}
+    for name, cfg in cells:
+        wanted = cfg.load_from or cfg.pretrained
+        if wanted and wanted not in pretrained:
+            need.setdefault(wanted, []).append(name)
+    if not need:
+        return
+    parts = []
+    for weight, names in need.items():
+        file = f" (file {PRETRAINED[weight].file})" if weight in PRETRAINED else ""
+        parts.append(f"{weight}{file} for {len(names)} cell(s), e.g. {names[0]}")
+    raise UserError(
+        "these cells would train from random weights, which cannot reproduce the published numbers: "
+        + "; ".join(parts) + ". Give --pretrained NAME=FILE (a file, or a folder holding it) for each, "
+        "or --allow-random-init to train from random weights on purpose (recorded as a deviation)"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataCheck:
+    """The validated splits of a run's data root (`check_data`), what cells are fitted against."""
+
+    train: DatasetReport
+    val: DatasetReport | None
+
+    def fit(self, cell: str, cfg: DetectorConfig, *, from_dataset: bool) -> DetectorConfig:
+        """`cfg` trained on the file's own categories (`from_dataset`), else checked against them."""
+        if from_dataset:
+            names = tuple(name for _id, name in sorted(self.train.categories))  # id order
+            return dataclasses.replace(cfg, num_classes=len(names), data=dataclasses.replace(cfg.data, classes=names))
+        for split in (self.train, self.val):
+            if split is not None:
+                check_classes(split, cell=cell, classes=cfg.data.classes, num_classes=cfg.num_classes)
+        return cfg
+
+    def notes_for(self, cfg: DetectorConfig) -> tuple[str, ...]:
+        """The run's data notes for result.json: repairs, drops, and the categories trained."""
+        notes = [f"data: {n}" for split in (self.train, self.val) if split is not None for n in split.notes]
+        if cfg.data.classes and len(cfg.data.classes) == len(self.train.categories) and set(cfg.data.classes) == set(
+            self.train.category_names
+        ):
+            notes.append(f"data: trained on the dataset's own {len(cfg.data.classes)} categories: {', '.join(cfg.data.classes)}")
+        return tuple(notes)
+
+
+def _resolvable(cell: Cell) -> DetectorConfig | None:
+    from detector.recipes import resolve
+
+    try:
+        return resolve(dict(cell.axes), name=cell.name)
+    except ConfigError:
+        return None  # plan_run records it as skipped
+
+
+def check_data(data_root: Path, *, log: Callable[[str], None]) -> DataCheck:
+    """Validate the train split (and val2017 when present) once, before any cell starts."""
+    t0 = time.monotonic()
+    train = validate_split(data_root / TRAIN_ANN, data_root / TRAIN_IMAGES)
+    has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
+    val = validate_split(data_root / VAL_ANN, data_root / VAL_IMAGES) if has_val else None
+    took = time.monotonic() - t0
+    counted = f"{train.images} train images" + (f", {val.images} val images" if val else "")
+    log(f"data checked in {took:.1f} s: {counted}, {len(train.categories)} categories")
+    for split in (train, val):
+        for note in split.notes if split else ():
+            log(f"data: {note}")
+    return DataCheck(train=train, val=val)
+
+
+def plan_run(
+    matrix: MatrixSpec,
+    profile: Profile,
+    *,
+    cells: Sequence[Cell],
+    seeds: Sequence[int],
+    runs_dir: Path,
+    data_root: Path,
+    device: str,
+    pretrained: dict[str, Path],
+    require_pretrained: bool = False,
+    data: DataCheck | None = None,
+    classes: str | None = None,
+) -> list[CellJob]:
+    """One `CellJob` per (cell, seed), in matrix order then seed order.
+
+    With `require_pretrained` (a profile compared with the published numbers) a cell whose published
+    initialisation has no local file is refused here, before anything runs: days of GPU time from a
+    random-initialised backbone cannot reproduce a number trained from ImageNet weights.
+
+    `data` (the validated splits, `check_data`): each cell's categories are checked against them;
+    `classes="dataset"` (or a cell's axis `classes: dataset`) trains the file's own categories.
+    """
+    from detector.recipes import resolve
+
+    check_name("matrix", matrix.name)
+    resolved: list[tuple[Cell, DetectorConfig | None, str | None]] = []
+    for cell in cells:
+        try:
+            cfg, problem = resolve(dict(cell.axes), name=cell.name), None
+        except ConfigError as exc:
+            cfg, problem = None, f"the recipe cannot resolve this cell: {exc}"
+        if cfg is not None and data is not None:
+            cfg = data.fit(cell.name, cfg, from_dataset=classes == "dataset" or cell.axes.get("classes") == "dataset")
+        if cfg is not None:
+            problem = build_problem(cfg)
+        resolved.append((cell, cfg, problem))
+    used = {name for _c, cfg, _p in resolved if cfg is not None for name in (cfg.pretrained, cfg.load_from) if name}
+    unknown = sorted(set(pretrained) - used)
+    if unknown:
+        names = ", ".join(sorted(used)) or "none"
+        raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {names}")
+    check_pretrained_files(pretrained)
+    if require_pretrained:  # execute_run checks this before the data; direct callers get it here
+        missing_initialisation([(cell.name, cfg) for cell, cfg, _p in resolved if cfg is not None], pretrained)
+    jobs: list[CellJob] = []
+    for cell, cfg, problem in resolved:
+        for seed in seeds:
+            run = run_config(
+                profile, data_root=data_root, device=device, seed=seed,
+                pretrained_path=pretrained.get(cfg.pretrained) if cfg is not None and cfg.pretrained else None,
+                load_from_path=pretrained.get(cfg.load_from) if cfg is not None and cfg.load_from else None,
+            )  # fmt: skip
+            jobs.append(CellJob(
+                name=cell.name, matrix=matrix.name, profile=profile.name, seed=seed,
+                folder=cell_dir(runs_dir, matrix.name, profile.name, cell.name, seed),
+                spec={"config": cfg.to_dict() if cfg is not None else None, "run": run.to_dict()},
+                axes=dict(cell.axes), skip_reason=problem,
+                notes=(tuple(cfg.notes) if cfg is not None else ()) + (data.notes_for(cfg) if data and cfg else ()),
+            ))  # fmt: skip
+    return jobs
+
+
+def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tuple[RunSummary, MatrixSpec]:
+    """`harness run` (and the first half of `reproduce`): plan the cells, run them, log a summary."""
+    from harness.matrix.spec import load_matrix
+
+    matrix = load_matrix(args.matrix)
+    profile = matrix.profile(args.profile)
+    cells = matrix.cells_for(profile, args.only)
+    if not cells:
+        only, runs = " ".join(args.only), ", ".join(profile.cells)
+        raise UserError(f"--only {only}: none of these cells is in profile {profile.name!r}, which runs {runs}")
+    device = args.device or default_device()
+    if device == "cuda" and args.executor == "local" and default_device() != "cuda":
+        raise UserError("--device cuda: no CUDA device is visible here; allowed: cpu")
+    runs_dir = runs_dir_of(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    pretrained = parse_pretrained(args.pretrained)
+    # The executor first: a missing submitit is refused before any data is made or any cell starts.
+    executor = make_executor(
+        args.executor, folder=runs_dir / "_submitit" / matrix.name / profile.name, nproc_per_cell=args.nproc_per_cell,
+        device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
+    )  # fmt: skip
+    data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
+    # Compared with the published numbers: the published initialisation, unless refused on purpose.
+    require = profile.compare == "published" and not getattr(args, "allow_random_init", False)
+    if require:  # before the data check, which reads every image header
+        check_pretrained_files(pretrained)
+        missing_initialisation([(c.name, cfg) for c in cells if (cfg := _resolvable(c)) is not None], pretrained)
+    data = check_data(data_root, log=log)
+    jobs = plan_run(
+        matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device,
+        pretrained=pretrained, require_pretrained=require, data=data, classes=getattr(args, "classes", None),
+    )  # fmt: skip
+    where = profile_dir(runs_dir, matrix.name, profile.name)
+    log(f"{matrix.name} / {profile.name}: {len(cells)} cells x {len(seeds)} seed(s) on {device} "
+        f"({args.executor}, {args.jobs} at a time), data {data_root}, runs in {where}")  # fmt: skip
+    t0 = time.monotonic()
+    summary = run_jobs(
+        jobs, executor=executor, base_provenance=base_provenance(), nproc_per_cell=args.nproc_per_cell,
+        max_in_flight=args.jobs, force=args.force, log=log,
+        env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell),
+    )  # fmt: skip
+    counts = ", ".join(f"{summary.count(s)} {s}" for s in ("ok", "failed", "skipped"))
+    before = f" ({len(summary.cached)} finished before)" if summary.cached else ""
+    log(f"done in {time.monotonic() - t0:.1f} s: {counts}{before}")
+    return summary, matrix
+
+
+__all__ = [
+    "DataCheck",
+    "build_problem",
+    "check_data",
+    "check_pretrained_files",
+    "check_coco_root",
+    "dataset_root",
+    "default_device",
+    "execute_run",
+    "missing_initialisation",
+    "parse_pretrained",
+    "plan_run",
+    "run_config",
+    "runs_dir_of",
+    "synthetic_root",
+]

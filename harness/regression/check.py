@@ -1,0 +1,411 @@
+"""`harness regression` and `harness baseline update`: CI regression checks against stored baselines.
+
+What runs is declared in `matrices/baselines/<matrix>.yaml` (`harness.regression.baselines`): every cell of the
+matrix's `ci` profile, on each suite (the real COCO subset given with `--data`, and the synthetic
+set generated here), with one seed, a fixed iteration budget and a fixed number of intra-op threads;
+one cell trained and evaluated on a handful of the real images (the overfit check: the detector
+must reach a stated AP on them); and one check run twice (the determinism check: identical metrics).
+
+Each check is a cell folder under `<runs>/regression/<matrix>/<suite>/<cell>/`, run through the
+harness runner (`harness.execute.runner.run_jobs`), each cell in its own process, always afresh (a code change
+does not change a cell's spec, so a finished cell must not be taken as it is). Checkpoints of the
+regression cells are deleted once their metrics are read: they are 330 MB each and never resumed.
+
+Without the real data, the synthetic checks still run and the output says loudly what was not
+checked; with `CI=true` the run fails instead, so that CI cannot pass silently without its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from harness.execute import machine
+from harness.regression.baselines import RegressionSpec, default_path, load_spec, write_baseline
+from harness.errors import UserError
+from harness.regression.judge import fingerprint, judge, portable_spec_hash, print_judgement
+
+Log = Callable[[str], None]
+CI_DATA = "../shared/data/coco128"  # what CI passes; named in the messages
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Check:
+    """One cell run of the regression: `id` is `<suite>/<cell>` (`overfit/<cell>`, `determinism/<cell>`)."""
+
+    id: str
+    kind: str  # "compare" (vs baseline), "overfit" (vs baseline and a floor), "rerun" (vs its twin)
+    job: Any  # harness.execute.runner.CellJob
+    twin: str | None = None  # rerun: the id of the check it must reproduce exactly
+
+
+def ci_mode(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the `CI` environment variable is set to a true value (GitHub Actions sets CI=true)."""
+    value = (os.environ if environ is None else environ).get("CI", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_data(data: str | None, *, ci: bool, log: Log) -> Path | None:
+    """The real COCO root for the given-data suites, or None (after saying so) when it is missing.
+
+    Raises:
+        UserError: the data is missing and `ci` is set: CI must not pass on the synthetic checks alone.
+    """
+    from harness.execute.plan import check_coco_root
+
+    if data is None:
+        problem = "no --data ROOT was given"
+    else:
+        try:
+            return check_coco_root(Path(data), "--data")
+        except UserError as exc:
+            problem = str(exc)
+    if ci:
+        raise UserError(f"regression: {problem}; the real-data and overfit checks need it (CI passes --data "
+                        f"{CI_DATA}). CI=true: failing instead of passing on the synthetic checks alone")  # fmt: skip
+    log(f"WARNING: {problem}: the real-data checks (coco128, overfit) are NOT run; only the synthetic "
+        f"checks run. Pass --data ROOT (CI uses {CI_DATA}) to run them all.")  # fmt: skip
+    return None
+
+
+def overfit_root(base: Path, data_root: Path, images: int) -> Path:
+    """`<base>/_data/overfit-<n>/`: the first `images` images (by id) of the real train split."""
+    from detector.data.coco import subset_annotations
+    from harness.execute.plan import TRAIN_ANN, TRAIN_IMAGES
+
+    root = base / "_data" / f"overfit-{images}"
+    subset_annotations(data_root / TRAIN_ANN, root / TRAIN_ANN, categories=None, max_images=images)
+    link = root / TRAIN_IMAGES
+    if link.is_symlink() or link.exists():
+        if link.resolve() == (data_root / TRAIN_IMAGES).resolve():
+            return root
+        link.unlink()
+    link.symlink_to(data_root / TRAIN_IMAGES, target_is_directory=True)
+    return root
+
+
+def _select(ids: Sequence[str], only: Sequence[str]) -> set[str]:
+    """The check ids matching any of `only` (a check id, a suite name, a cell name, or a glob of them)."""
+    import fnmatch
+
+    if not only:
+        return set(ids)
+    chosen: set[str] = set()
+    for pattern in only:
+        hits = {i for i in ids if any(fnmatch.fnmatchcase(part, pattern) for part in (i, *i.split("/", 1)))}
+        if not hits:
+            raise UserError(f"--only {pattern}: matches no regression check; checks: {', '.join(ids)}")
+        chosen |= hits
+    return chosen
+
+
+def candidates(spec: RegressionSpec) -> list[tuple[str, str, Any]]:
+    """(check id, suite, matrix cell) of every check the spec declares, the overfit check first."""
+    from harness.matrix.spec import load_matrix
+
+    matrix = load_matrix(spec.matrix)
+    cells = matrix.cells_for(matrix.profile(spec.profile))
+    out: list[tuple[str, str, Any]] = [(f"{s.name}/{c.name}", s.name, c) for s in spec.suites for c in cells]
+    if spec.overfit is not None:
+        out.insert(0, (f"overfit/{spec.overfit.cell}", "overfit", matrix.cell(spec.overfit.cell)))
+    return out
+
+
+def needs_data(spec: RegressionSpec, only: Sequence[str] = ()) -> bool:
+    """Whether any selected check trains on the real data given with --data."""
+    given = {s.name for s in spec.suites if s.data == "given"} | {"overfit"}
+    ids = [c[0] for c in candidates(spec)]
+    return any(i.split("/", 1)[0] in given for i in _select(ids, only))
+
+
+def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path, device: str,
+                only: Sequence[str] = (), log: Log = print) -> list[Check]:  # fmt: skip
+    """The checks to run, the longest (overfit) first so that the short ones fill the other slots."""
+    from detector.recipes import resolve
+    from harness.matrix.spec import load_matrix
+    from harness.execute.plan import run_config, synthetic_root
+    from harness.execute.cells import cell_dir
+    from harness.execute.runner import CellJob
+
+    matrix = load_matrix(spec.matrix)
+    profile = matrix.profile(spec.profile)
+    base = runs_dir / "regression"
+    wanted = candidates(spec)
+    chosen = _select([w[0] for w in wanted], only)
+    amp_ok, amp_why = amp_supported(device)
+    roots: dict[str, Path] = {}
+    checks: list[Check] = []
+    for check_id, suite_name, cell in wanted:
+        if check_id not in chosen:
+            continue
+        if cell.axes.get("precision") == "amp" and not amp_ok:
+            log(f"note: {check_id} not run: {amp_why}")
+            continue
+        budget, cfg = spec.budget, resolve(dict(cell.axes), name=cell.name)
+        if suite_name == "overfit":
+            if data_root is None:
+                continue
+            over = spec.overfit
+            assert over is not None
+            root = roots.setdefault("overfit", overfit_root(base, data_root, over.images))
+            budget = over.budget
+            clip = over.grad_clip if over.grad_clip is not None else cfg.schedule.grad_clip
+            sched = dataclasses.replace(cfg.schedule, lr=over.lr, base_batch_size=profile.images_per_gpu,
+                                        grad_clip=clip)
+            cfg = dataclasses.replace(cfg, schedule=sched, data=dataclasses.replace(cfg.data, flip_prob=over.flip_prob))
+        else:
+            suite = next(s for s in spec.suites if s.name == suite_name)
+            if suite.data == "given" and data_root is None:
+                continue
+            if suite_name not in roots:
+                if suite.data == "given" and data_root is not None:
+                    roots[suite_name] = data_root
+                else:
+                    roots[suite_name] = synthetic_root(base, images=suite.images, seed=spec.seed)
+            root = roots[suite_name]
+        run = run_config(profile, data_root=root, device=device, seed=spec.seed)
+        run = dataclasses.replace(
+            run, max_iters=budget.max_iters, image_scale=budget.image_scale, eval_max_images=budget.eval_max_images,
+            log_interval=budget.log_interval, warmup_iters=budget.warmup_iters, checkpoint_interval=budget.max_iters,
+            proposal_cap=budget.proposal_cap,
+            bench_images=0, progress=False,
+        )  # fmt: skip
+        job = CellJob(
+            name=cell.name, matrix=matrix.name, profile=suite_name, seed=spec.seed,
+            folder=cell_dir(base, matrix.name, suite_name, cell.name, spec.seed),
+            spec={"config": cfg.to_dict(), "run": run.to_dict()}, axes=dict(cell.axes), notes=tuple(cfg.notes),
+        )  # fmt: skip
+        checks.append(Check(id=check_id, kind="overfit" if suite_name == "overfit" else "compare", job=job))
+    twin = next((c for c in checks if c.id == spec.determinism), None)
+    if spec.determinism and twin is not None:
+        if device != "cpu":
+            log(f"note: the determinism check ({spec.determinism} twice) runs on CPU only; skipped on {device}")
+        else:
+            folder = cell_dir(base, matrix.name, "determinism", twin.job.name, spec.seed)
+            job = dataclasses.replace(twin.job, profile="determinism", folder=folder)
+            checks.append(Check(id=f"determinism/{twin.job.name}", kind="rerun", job=job, twin=twin.id))
+    return checks
+
+
+def amp_supported(device: str) -> tuple[bool, str]:
+    """Whether AMP can run here: CUDA fp16; on CPU bf16 autocast (detector.train.solver) needs oneDNN bf16."""
+    if device.startswith("cuda"):
+        return True, ""
+    import torch
+
+    try:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without this probe: bf16 autocast still runs
+        supported = True
+    if supported:
+        return True, ""
+    return False, "AMP on CPU is bf16 autocast and this CPU has no bf16 support (oneDNN)"
+
+
+def execute(spec: RegressionSpec, checks: list[Check], *, device: str, log: Log) -> dict[str, dict[str, Any]]:
+    """Run every check's cell (fresh, `spec.jobs` at a time, `spec.threads` threads each).
+
+    Returns:
+        check id -> {"status", "error", "metrics" (flat metric names), "result" (result.json)}.
+    """
+    from harness.execute.executors import make_executor
+    from harness.execute.provenance import base_provenance
+    from harness.execute.cells import read_json
+    from harness.execute.runner import run_jobs
+
+    jobs = [c.job for c in checks]
+    threads = str(spec.threads)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    executor = make_executor("local", folder=Path("."), nproc_per_cell=1, device=device,
+                             timeout_min=None, slurm_partition=None)  # fmt: skip
+    run_jobs(jobs, executor=executor, base_provenance=base_provenance(), max_in_flight=spec.jobs, force=True,
+             env=env, log=log)  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    for check in checks:
+        folder = check.job.folder
+        result = read_json(folder / "result.json") or {}
+        status = str(result.get("status", "failed"))
+        metrics = cell_metrics(folder) if status == "ok" else {}
+        out[check.id] = {"status": status, "error": result.get("error"), "metrics": metrics, "result": result}
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return out
+
+
+def cell_metrics(folder: Path) -> dict[str, float]:
+    """The flat metrics of a finished cell: coco/*, box_ap, first/final loss, iters, log/<term>@<iter>."""
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    out: dict[str, float] = {f"coco/{k}": float(v) for k, v in (metrics.get("coco") or {}).items()}
+    for key in ("box_ap", "first_loss", "final_loss", "iters"):
+        if metrics.get(key) is not None:
+            out[key] = float(metrics[key])
+    log = folder / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            for term, value in row.items():
+                if term.startswith("loss"):
+                    out[f"log/{term}@{row['iter']}"] = float(value)
+    return out
+
+
+def _device(device: str | None) -> str:
+    from harness.execute.plan import default_device
+
+    if device is None:
+        return default_device()
+    if device.startswith("cuda") and default_device() != "cuda":
+        raise UserError(f"--device {device}: no CUDA device is visible here; allowed: cpu")
+    return device
+
+
+def _device_class(device: str) -> str:
+    from harness.execute.provenance import device_info
+
+    return device_info(device)["device_class"]
+
+
+def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only: Sequence[str] = (),
+                   runs_dir: Path | None = None, device: str | None = None, baselines: Path | None = None,
+                   ci: bool | None = None, log: Log | None = None) -> int:  # fmt: skip
+    """`harness regression`: run the checks, compare with the stored baselines; 0 pass, 1 a regression.
+
+    Raises:
+        UserError: bad input, or (with `ci`, default `CI` from the environment) the real data is missing.
+    """
+    say = log or _stderr
+    spec = load_spec(baselines or default_path(matrix))
+    ci = ci_mode() if ci is None else ci
+    from harness.matrix.spec import repo_root
+
+    device = _device(device)
+    wants_data = needs_data(spec, only)
+    data_root = resolve_data(data, ci=ci, log=say) if wants_data else None
+    cross = _announce_machine(spec, device, say)  # the first line of a run (bad input is refused before)
+    runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
+    checks = plan_checks(spec, data_root=data_root, runs_dir=runs, device=device, only=only, log=say)
+    if not checks:
+        raise UserError("regression: nothing to run (every selected check needs the real data, see above)")
+    outcome = execute(spec, checks, device=device, log=say)
+    verdict = judge(spec, checks, outcome, device_class=_device_class(device),
+                    data_missing=wants_data and data_root is None, cross_machine=cross)
+    print_judgement(verdict, spec, checks, device_class=_device_class(device))
+    from harness.execute.cells import write_json_atomic
+
+    write_json_atomic(runs / "regression" / spec.matrix / "report.json", verdict.to_dict())
+    return 0 if verdict.passed else 1
+
+
+def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, only: Sequence[str] = (),
+                     runs_dir: Path | None = None, device: str | None = None, baselines: Path | None = None,
+                     command: str = "harness baseline update", log: Log | None = None) -> int:  # fmt: skip
+    """`harness baseline update`: run the checks and store their metrics with provenance, on purpose.
+
+    Refuses (exit 1, file untouched) when a cell fails, when the overfit check misses its floor or
+    when the determinism check finds two runs differ: such numbers must not become the reference.
+    """
+    from harness.matrix.spec import repo_root
+    from harness.execute.provenance import base_provenance, now_iso
+
+    say = log or _stderr
+    path = Path(baselines or default_path(matrix))
+    spec = load_spec(path)
+    device = _device(device)
+    data_root = resolve_data(data, ci=True, log=say) if needs_data(spec, only) else None
+    runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
+    checks = plan_checks(spec, data_root=data_root, runs_dir=runs, device=device, only=only, log=say)
+    outcome = execute(spec, checks, device=device, log=say)
+    dclass = _device_class(device)
+    # Judge without baselines: cells must succeed, the overfit floor and determinism must hold.
+    verdict = judge(dataclasses.replace(spec, baselines={}), checks, outcome, device_class=dclass, data_missing=False,
+                    need_baseline=False)  # fmt: skip
+    if not verdict.passed:
+        print_judgement(verdict, spec, checks, device_class=dclass)
+        say(f"baseline update refused: {path} is unchanged")
+        return 1
+    prov = base_provenance(include_host=False)
+    old = spec.baselines.get(dclass) or {}
+    entry_checks = dict(old.get("checks") or {}) if only else {}
+    for check in checks:
+        if check.kind == "rerun":
+            continue
+        run = check.job.spec["run"]
+        entry_checks[check.id] = {
+            "updated_at": now_iso(), "git_commit": prov["git_commit"], "seed": run["seed"], "iters": run["max_iters"],
+            "image_scale": list(run["image_scale"]), "spec_sha256": portable_spec_hash(check.job.spec),
+            "data": fingerprint(Path(run["data_root"]), run["train_ann"]),
+            "metrics": outcome[check.id]["metrics"],
+        }  # fmt: skip
+    entry = {
+        "provenance": {
+            "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"], "versions": prov["versions"],
+            "device": device, "device_class": dclass, "cpu": cpu_model(), "threads_per_cell": spec.threads,
+            "machine": machine.fingerprint(threads=spec.threads) if device == "cpu" else None,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "updated_at": now_iso(),
+            "command": command,
+        },
+        "checks": dict(sorted(entry_checks.items())),
+    }  # fmt: skip
+    write_baseline(path, dclass, entry)
+    stored = sum(c.kind != "rerun" for c in checks)
+    held = " (the determinism check held)" if any(c.kind == "rerun" for c in checks) else ""
+    say(f"baselines for {dclass}: {stored} checks written to {path}{held} (commit {prov['git_commit'][:12]}"
+        f"{', dirty tree' if prov['git_dirty'] else ''})")  # fmt: skip
+    return 0
+
+
+def _announce_machine(spec: RegressionSpec, device: str, say: Log) -> bool:
+    """Say, first, whether this machine is of the baseline's kind; True when it is not (cross-machine
+    tolerances apply). GPUs are compared by device class alone."""
+    if device != "cpu":
+        return False
+    entry = spec.baselines.get(_device_class(device)) or {}
+    theirs = (entry.get("provenance") or {}).get("machine")
+    mine = machine.fingerprint(threads=spec.threads)
+    if machine.same_kind(theirs, mine):
+        say(f"regression: this machine is of the baseline's kind ({machine.describe(mine)}): exact tolerances")
+        return False
+    how = f"cross-machine tolerances ({len(spec.cross_machine)} entries of cross_machine_tolerances, then the rest)"
+    say(f"regression: this machine ({machine.describe(mine)}) is not of the baseline's kind "
+        f"({machine.describe(theirs)}): float results differ by design; comparing with {how}")  # fmt: skip
+    return True
+
+
+def cpu_model() -> str:
+    """The CPU's model name (float results can differ between CPU families), or the platform's guess."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+__all__ = [
+    "Check",
+    "amp_supported",
+    "cell_metrics",
+    "candidates",
+    "ci_mode",
+    "cpu_model",
+    "execute",
+    "overfit_root",
+    "needs_data",
+    "plan_checks",
+    "resolve_data",
+    "run_regression",
+    "update_baselines",
+]

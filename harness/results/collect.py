@@ -1,0 +1,299 @@
+"""Runs -> one tidy pandas DataFrame: a row per (cell, seed), published numbers beside measured ones.
+
+Reads every `result.json` of `runs/<matrix>/<profile>/` (through `harness.execute.cells.iter_results`), joins
+it with the matrix cell (published Mem / fps / box AP, axes, section), and adds the per-run delta
+and verdict (`harness.results.verdicts`). Cells of the matrix without any result appear once, with status
+"not run", so that a page or a CSV built from the frame always has every row of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from detector.config import ConfigError
+from detector.recipes import resolve
+from harness.errors import UserError
+from harness.matrix.spec import Cell, MatrixSpec
+from harness.execute.cells import cell_dir, iter_results
+from harness.results.verdicts import Scope, judge, quirk_ids, scope_of
+
+# Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
+COLUMNS: tuple[str, ...] = (
+    "name", "section", "profile", "seed", "status", "error", "reason",
+    "box_ap", "mem_gb", "mem_kind", "fps", "fps_precision", "device", "device_class",
+    "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
+    "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
+    "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
+    "data_root", "image_scale", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
+    "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
+    "pycocotools_version", "harness_version", "finished_at", "run_dir",
+)
+RESULTS_CSV_COLUMNS: tuple[str, ...] = (
+    "name", "profile", "seed", "status", "box_ap", "mem_gb", "mem_kind", "fps", "device_class",
+    "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
+    "eval_split", "quirks", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
+    "git_commit", "finished_at",
+)
+
+
+def collect(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
+    """One row per (cell, seed) of `profile`, in matrix order then seed order.
+
+    Args:
+        matrix: the loaded matrix; profile: a profile name of it (UserError if unknown);
+        runs_dir: the runs root (`<repo>/runs` by default), holding `<matrix>/<profile>/<cell>/`.
+
+    Returns:
+        A DataFrame with `COLUMNS` plus one column per axis. `notes` and `deviations` hold tuples
+        of strings; `seed` is a nullable integer (NA on the "not run" placeholder rows).
+    """
+    prof = matrix.profile(profile)
+    scope = scope_of(prof)
+    by_cell: dict[str, list[dict[str, Any]]] = {c.name: [] for c in matrix.cells}
+    for result in iter_results(Path(runs_dir), matrix.name, profile):
+        name = str(result.get("name", ""))
+        try:
+            cell = matrix.cell(name)
+        except UserError:
+            continue  # a folder left from a cell since removed from the matrix: not part of this table
+        by_cell[cell.name].append(result)
+
+    rows: list[dict[str, Any]] = []
+    selected = {c.name for c in matrix.select(prof.cells)} if prof.cells else None
+    for cell in matrix.cells:
+        results = sorted(by_cell[cell.name], key=lambda r: int(r.get("seed", 0)))
+        if not results:
+            why = "no result.json yet" if selected is None or cell.name in selected else f"not in profile {profile}"
+            rows.append(_placeholder(cell, profile, why))
+            continue
+        for result in results:
+            seed = int(result.get("seed", 0))
+            run_dir = cell_dir(Path(runs_dir), matrix.name, profile, cell.name, seed)
+            rows.append(_row(cell, profile, result, run_dir, scope, matrix))
+    frame = pd.DataFrame(rows)
+    axes = sorted({a for c in matrix.cells for a in c.axes})
+    for col in (*COLUMNS, *axes):
+        if col not in frame:
+            frame[col] = None
+    frame = frame[[*COLUMNS, *axes]]
+    frame["seed"] = frame["seed"].astype("Int64")
+    for col in ("box_ap", "mem_gb", "fps", "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    return frame
+
+
+def recipe_notes(cell: Cell) -> tuple[str, ...]:
+    """The quirk notes (Q1, Q2, Q5, FP16 ...) of the cell's resolved recipe, plus the YAML notes."""
+    try:
+        notes = resolve(dict(cell.axes), name=cell.name).notes
+    except ConfigError:
+        notes = ()
+    return tuple(dict.fromkeys((*notes, *cell.notes)))
+
+
+def load_loss_curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Training-loss points of every run in `frame`, read from `<run_dir>/log.jsonl`.
+
+    Returns:
+        A DataFrame with columns name, seed, iter, loss (one row per logged training step). Lines
+        without a numeric `iter` and `loss` (evaluation records, a line cut by a crash) are skipped.
+    """
+    points: list[dict[str, Any]] = []
+    for rec in frame.itertuples(index=False):
+        if rec.status == "not run" or not isinstance(rec.run_dir, str):
+            continue
+        log = Path(rec.run_dir) / "log.jsonl"
+        for entry in _jsonl(log):
+            it: Any = entry.get("iter")
+            loss: Any = entry.get("loss")
+            if _number(it) and _number(loss):
+                points.append({"name": rec.name, "seed": int(rec.seed), "iter": int(it), "loss": float(loss)})
+    return pd.DataFrame(points, columns=["name", "seed", "iter", "loss"])
+
+
+def loss_trends(curves: pd.DataFrame) -> pd.DataFrame:
+    """Did training lower the loss? One row per (name, seed) of `load_loss_curves` output.
+
+    A single logged step is noisy (one batch of two images in the smoke profile), so `loss_start`
+    and `loss_end` are the means over the first and the last quarter of the logged points (at least
+    one point each); `fell` is `loss_end < loss_start`. Runs with fewer than two points have no trend
+    and are left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for (name, seed), group in curves.sort_values("iter").groupby(["name", "seed"], sort=False):
+        losses = group["loss"].to_numpy()
+        if len(losses) < 2:
+            continue
+        k = max(1, len(losses) // 4)
+        start, end = float(losses[:k].mean()), float(losses[-k:].mean())
+        rows.append({"name": name, "seed": int(seed), "loss_start": start, "loss_end": end, "fell": end < start})
+    return pd.DataFrame(rows, columns=["name", "seed", "loss_start", "loss_end", "fell"])
+
+
+def results_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` reduced to the results.csv columns (DESIGN.md's, then a few that explain them)."""
+    return frame[list(RESULTS_CSV_COLUMNS)].copy()
+
+
+def _placeholder(cell: Cell, profile: str, why: str) -> dict[str, Any]:
+    notes = recipe_notes(cell)
+    return {
+        **_cell_fields(cell, profile),
+        "seed": None, "status": "not run", "reason": why, "verdict": "not run", "verdict_reason": why,
+        "notes": notes, "quirks": " ".join(quirk_ids(notes)), "deviations": (),
+    }
+
+
+def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope: Scope, matrix: MatrixSpec) -> dict[str, Any]:
+    metrics: dict[str, Any] = result.get("metrics") or {}
+    prov: dict[str, Any] = result.get("provenance") or {}
+    versions: dict[str, Any] = prov.get("versions") or {}
+    machine: dict[str, Any] = prov.get("machine") or {}
+    spec_run = _read_json(run_dir / "spec.json").get("run") or {}
+    notes = tuple(result.get("notes") or ()) or recipe_notes(cell)
+    status = str(result.get("status", "failed"))
+    box_ap = _float(metrics.get("box_ap")) if status == "ok" else None
+    row: dict[str, Any] = {
+        **_cell_fields(cell, profile),
+        "seed": int(result.get("seed", 0)),
+        "status": status,
+        "error": result.get("error"),
+        "reason": result.get("reason"),
+        "box_ap": box_ap,
+        "mem_gb": _float(metrics.get("mem_gb")) if status == "ok" else None,
+        "mem_kind": metrics.get("mem_kind"),
+        "fps": _float(metrics.get("fps")) if status == "ok" else None,
+        "fps_precision": metrics.get("fps_precision"),
+        "device": metrics.get("device") or prov.get("device"),
+        "device_class": metrics.get("device_class") or prov.get("device_class"),
+        "eval_split": metrics.get("eval_split"),
+        "iters": metrics.get("iters"),
+        "epochs": metrics.get("epochs"),
+        "world_size": metrics.get("world_size", prov.get("world_size")),
+        "images_per_gpu": metrics.get("images_per_gpu", prov.get("images_per_gpu")),
+        "total_batch": metrics.get("total_batch"),
+        "lr_rescaled": metrics.get("lr_rescaled", prov.get("lr_rescaled")),
+        "resumed_from_iter": prov.get("resumed_from_iter", metrics.get("resumed_from_iter")),
+        "train_time_s": metrics.get("train_time_s"),
+        "eval_time_s": metrics.get("eval_time_s"),
+        "wall_time_s": prov.get("wall_time_s"),
+        **_throughput(run_dir / "log.jsonl", metrics, status),
+        "cpu": machine.get("cpu"),
+        "cores": machine.get("cores"),
+        "threads": machine.get("threads", metrics.get("threads")),
+        "load_1m": machine.get("load_1m"),
+        "data_root": spec_run.get("data_root"),
+        "image_scale": _scale(spec_run.get("image_scale")),
+        # The harness's data notes (repairs, drops, the categories trained) are deviations of the run too.
+        "deviations": tuple(metrics.get("deviations") or ()) + tuple(n for n in notes if n.startswith("data: ")),
+        "notes": notes,
+        "quirks": " ".join(quirk_ids(notes)),
+        "git_commit": prov.get("git_commit"),
+        "git_dirty": prov.get("git_dirty"),
+        "python_version": versions.get("python"),
+        "torch_version": versions.get("torch"),
+        "torchvision_version": versions.get("torchvision"),
+        "pycocotools_version": versions.get("pycocotools"),
+        "harness_version": versions.get("harness"),
+        "finished_at": prov.get("finished_at"),
+        "run_dir": str(run_dir),
+    }
+    # A delta only where AP is compared: -35.6 beside a 12-iteration smoke run reads like a result.
+    if box_ap is not None and cell.published.box_ap is not None and "box_ap" in scope.metrics:
+        row["delta_box_ap"] = round(box_ap - cell.published.box_ap, 3)
+    row["verdict"], row["verdict_reason"] = _run_verdict(row, cell, status, scope, matrix)
+    return row
+
+
+def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, matrix: MatrixSpec) -> tuple[str, str]:
+    """The verdict of a single run (one seed); `harness.results.compare` judges a cell over its seeds."""
+    if status == "skipped":
+        return "not run", f"skipped: {row['reason'] or 'no reason given'}"
+    if status != "ok":
+        # A crash or a non-finite loss is a failure whatever the profile: the cell does not work.
+        return "fail", f"run failed: {_last_line(row['error'])}"
+    ap = row["box_ap"]
+    verdict, _, reasons = judge(
+        scope=scope, ap_low=ap, ap_high=ap, mem_gb=row["mem_gb"], mem_kind=row["mem_kind"], fps=row["fps"],
+        device_class=row["device_class"], eval_split=row["eval_split"], published=cell.published,
+        tolerances=matrix.tolerances,
+    )  # fmt: skip
+    return verdict, "; ".join(reasons)
+
+
+def _throughput(log: Path, metrics: dict[str, Any], status: str) -> dict[str, float | None]:
+    """Training images / s (all ranks, data loading included) and seconds per iteration.
+
+    From the log when it has two or more windows: the first logged window is left out, since it
+    holds the one-off costs (cuDNN autotuning, CUDA context, data-worker start-up) that a 10-iteration
+    hardware run would otherwise spread over every iteration (on the H200: 1.38 s for the first
+    R-50-FPN iteration, ~0.06 s for the next). Else the whole-loop rate from metrics.json.
+    """
+    if status != "ok":
+        return {"train_images_per_s": None, "s_per_iter": None}
+    rows = sorted((e for e in _jsonl(log) if _number(e.get("iter")) and _number(e.get("time"))), key=lambda e: e["iter"])
+    batch = metrics.get("total_batch")
+    if len(rows) >= 2 and _number(batch):
+        iters = sum(b["iter"] - a["iter"] for a, b in zip(rows, rows[1:]))
+        seconds = sum((b["iter"] - a["iter"]) * float(b["time"]) for a, b in zip(rows, rows[1:]))
+        if iters > 0 and seconds > 0:
+            return {"train_images_per_s": round(iters * float(batch) / seconds, 2), "s_per_iter": round(seconds / iters, 4)}
+    return {"train_images_per_s": _float(metrics.get("train_images_per_s")), "s_per_iter": _float(metrics.get("s_per_iter"))}
+
+
+def _cell_fields(cell: Cell, profile: str) -> dict[str, Any]:
+    return {
+        "name": cell.name, "section": cell.section, "profile": profile,
+        "published_box_ap": cell.published.box_ap, "published_mem_gb": cell.published.mem_gb,
+        "published_fps": cell.published.fps, **dict(cell.axes),
+    }
+
+
+def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run may be cut short
+            if isinstance(entry, dict):
+                yield entry
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _float(x: Any) -> float | None:
+    return float(x) if _number(x) else None
+
+
+def _scale(x: Any) -> tuple[int, int] | None:
+    """A profile's (long, short) image-scale override from spec.json; None = the recipe's."""
+    return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) and len(x) == 2 else None
+
+
+def _last_line(text: Any) -> str:
+    """The last non-empty line of an error text (a traceback ends with the exception)."""
+    lines = [ln for ln in str(text or "unknown error").strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "unknown error"
+
+
+__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "loss_trends", "recipe_notes", "results_csv_frame"]

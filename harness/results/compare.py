@@ -1,0 +1,194 @@
+"""Measured vs published, cell by cell: deltas, seed statistics, a verdict and why.
+
+`compare()` reduces `harness.results.collect.collect()` (one row per cell x seed) to one row per cell:
+the mean over the cell's successful seeds, their std and 95% Student-t interval, the deltas against
+the published Mem / fps / box AP and a verdict in `harness.results.verdicts.VERDICTS`, with a `reason`
+whenever the verdict is not a plain pass. The tolerance rules themselves live in `harness.results.verdicts`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.results.collect import collect
+from harness.matrix.spec import MatrixSpec
+from harness.results.verdicts import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS, VERDICTS, Scope, interval95, judge, scope_of
+
+COMPARE_COLUMNS: tuple[str, ...] = (
+    "name", "section", "profile", "status", "n_seeds", "n_failed",
+    "box_ap", "box_ap_std", "ci95_low", "ci95_high", "published_box_ap", "delta_box_ap",
+    "mem_gb", "mem_kind", "published_mem_gb", "delta_mem", "delta_mem_rel",
+    "fps", "device_class", "published_fps", "fps_comparable",
+    "ap_verdict", "mem_verdict", "fps_verdict", "verdict", "reason", "eval_split", "notes", "quirks",
+)
+
+
+def compare(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
+    """One row per matrix cell (matrix order) with `COMPARE_COLUMNS`; see `compare_frame`."""
+    return compare_frame(collect(matrix, profile, runs_dir), matrix, profile)
+
+
+def compare_frame(runs: pd.DataFrame, matrix: MatrixSpec, profile: str) -> pd.DataFrame:
+    """Reduce a `collect()` frame to one row per cell and judge it.
+
+    Verdicts, in order of precedence:
+    - "not run": no seed finished (nothing ran, or every seed was skipped);
+    - "fail": a seed crashed or diverged, whatever the profile (the cell does not work);
+    - "not comparable": the profile is toy scale / baselines-only, evaluation ran on the train split,
+      or no metric of the cell has a published value to compare with;
+    - otherwise the worst of AP (interval rule), Mem and fps (`harness.results.verdicts.judge`).
+    """
+    scope = scope_of(matrix.profile(profile))
+    out = [_cell_row(runs[runs["name"] == cell.name], cell, profile, scope, matrix) for cell in matrix.cells]
+    return pd.DataFrame(out, columns=list(COMPARE_COLUMNS))
+
+
+def comparison_exit_code(df: pd.DataFrame) -> int:
+    """1 if any compared cell failed (out of tolerance, or its run failed), else 0."""
+    return int(bool((df["verdict"] == "fail").any()))
+
+
+def summary_counts(df: pd.DataFrame) -> dict[str, int]:
+    """How many cells got each verdict, in `VERDICTS` order (zeros included)."""
+    return {v: int((df["verdict"] == v).sum()) for v in VERDICTS}
+
+
+def format_comparison(df: pd.DataFrame) -> str:
+    """A fixed-width terminal table of `compare()` plus a one-line summary."""
+    header = ("cell", "seeds", "box AP", "published", "delta", "Mem (GB)", "fps", "verdict", "reason")
+    lines: list[tuple[str, ...]] = [header]
+    for r in df.itertuples(index=False):
+        lines.append((
+            r.name + (f" [{r.quirks}]" if r.quirks else ""),
+            str(r.n_seeds),
+            _ap_text(r.box_ap, r.box_ap_std, r.n_seeds),
+            _num(r.published_box_ap),
+            _signed(r.delta_box_ap),
+            f"{_num(r.mem_gb)}{'‡' if _finite(r.mem_gb) and r.mem_kind != COMPARABLE_MEM_KIND else ''}/{_num(r.published_mem_gb)}",
+            f"{_num(r.fps)}{'†' if _finite(r.fps) and r.device_class != PUBLISHED_DEVICE_CLASS else ''}/{_num(r.published_fps)}",
+            r.verdict,
+            _clip(r.reason, 70),
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    counts = summary_counts(df)
+    text.append("")
+    text.append(f"measured/published; ‡ CPU peak RSS and † fps off {PUBLISHED_DEVICE_CLASS}: not comparable")
+    text.append(f"{len(df)} cells: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    return "\n".join(text)
+
+
+def comparison_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """`df` as JSON-ready dicts: NaN -> None, tuples -> lists, numpy scalars -> Python ones."""
+    records: list[dict[str, Any]] = []
+    for rec in df.to_dict(orient="records"):
+        records.append({str(k): _jsonable(v) for k, v in rec.items()})
+    return records
+
+
+def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix: MatrixSpec) -> dict[str, Any]:
+    pub = cell.published
+    ok = rows[rows["status"] == "ok"]
+    failed = rows[~rows["status"].isin(["ok", "skipped", "not run"])]
+    notes = rows["notes"].iloc[0] if len(rows) else ()
+    out: dict[str, Any] = {
+        "name": cell.name, "section": cell.section, "profile": profile,
+        "n_seeds": len(ok), "n_failed": len(failed),
+        "published_box_ap": pub.box_ap, "published_mem_gb": pub.mem_gb, "published_fps": pub.fps,
+        "notes": tuple(notes), "quirks": rows["quirks"].iloc[0] if len(rows) else "",
+        "ap_verdict": "not run", "mem_verdict": "not run", "fps_verdict": "not run", "fps_comparable": False,
+    }
+    out["status"] = "failed" if len(failed) else ("ok" if len(ok) else "not run")
+    aps = [float(x) for x in ok["box_ap"] if _finite(x)]
+    low = high = None
+    if aps:
+        mean, std, low, high = interval95(aps)
+        out.update(box_ap=round(mean, 3), box_ap_std=std, ci95_low=low, ci95_high=high)
+        if pub.box_ap is not None and "box_ap" in scope.metrics:
+            out["delta_box_ap"] = round(mean - pub.box_ap, 3)
+    mems = [float(x) for x in ok["mem_gb"] if _finite(x)]
+    kinds = set(ok["mem_kind"].dropna())
+    out["mem_kind"] = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
+    if mems:
+        out["mem_gb"] = sum(mems) / len(mems)
+        if pub.mem_gb is not None and out["mem_kind"] == COMPARABLE_MEM_KIND:
+            out["delta_mem"] = out["mem_gb"] - pub.mem_gb
+            out["delta_mem_rel"] = out["delta_mem"] / pub.mem_gb
+    fpss = [float(x) for x in ok["fps"] if _finite(x)]
+    classes = set(ok["device_class"].dropna())
+    out["device_class"] = classes.pop() if len(classes) == 1 else ("mixed" if classes else None)
+    if fpss:
+        out["fps"] = sum(fpss) / len(fpss)
+    out["fps_comparable"] = bool(fpss) and pub.fps is not None and out["device_class"] == PUBLISHED_DEVICE_CLASS
+    splits = set(ok["eval_split"].dropna())
+    out["eval_split"] = ", ".join(sorted(splits)) or None
+
+    if len(failed):  # precedence: a crash fails the cell whatever the profile, then nothing finished
+        why = failed["verdict_reason"].iloc[-1]
+        out.update(verdict="fail", reason=f"{len(failed)} of {len(failed) + len(ok)} seed(s) failed; {why}")
+    elif not len(ok):
+        out.update(verdict="not run", reason=rows["verdict_reason"].iloc[0] if len(rows) else "no result.json yet")
+    if len(ok):
+        verdict, per_metric, reasons = judge(
+            scope=scope, ap_low=low, ap_high=high, mem_gb=out.get("mem_gb"), mem_kind=out["mem_kind"],
+            fps=out.get("fps"), device_class=out["device_class"], eval_split=out["eval_split"], published=pub,
+            tolerances=matrix.tolerances,
+        )  # fmt: skip
+        out.update(ap_verdict=per_metric["box_ap"], mem_verdict=per_metric["mem"], fps_verdict=per_metric["fps"])
+        if not len(failed):
+            if len(aps) > 1 and per_metric["box_ap"] != "not comparable":
+                reasons.insert(0, f"AP 95% interval [{low:.2f}, {high:.2f}] over {len(aps)} seeds")
+            out.update(verdict=verdict, reason="; ".join(reasons))
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    return f"{float(x):.{digits}f}" if _finite(x) else "-"
+
+
+def _signed(x: Any) -> str:
+    return f"{float(x):+.1f}" if _finite(x) else "-"
+
+
+def _ap_text(mean: Any, std: Any, n: int) -> str:
+    if not _finite(mean):
+        return "-"
+    return f"{mean:.1f} ± {std:.2f}" if n > 1 and _finite(std) else f"{mean:.1f}"
+
+
+def _clip(text: Any, n: int) -> str:
+    s = str(text or "")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    if v is None or v is pd.NA:
+        return None
+    if hasattr(v, "item"):  # numpy scalars
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+__all__ = [
+    "COMPARE_COLUMNS",
+    "compare",
+    "compare_frame",
+    "comparison_exit_code",
+    "comparison_records",
+    "format_comparison",
+    "summary_counts",
+]

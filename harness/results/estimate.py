@@ -1,0 +1,112 @@
+"""`harness estimate`: what reproducing a matrix's full recipes costs, from measured training throughput.
+
+For each cell: GPU-hours = real epochs x training images / (measured images per second per GPU) /
+3600, where the throughput is the `train_images_per_s` of the cell's run (normally the `hardware`
+profile: full-scale images, the recipe's 2 images per GPU, data loading included). The recipe's
+total batch of 16 on 8 GPUs keeps 2 images per GPU, so with linear data-parallel scaling the
+GPU-hours do not depend on the number of GPUs; the wall-clock time on N GPUs is GPU-hours / N
+(cells one after another; an optimistic bound: no evaluation, no checkpoint or start-up time, no
+scaling loss).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.results.collect import collect
+from harness.matrix.spec import MatrixSpec
+
+# COCO train2017 images with at least one annotation: what mmdet trains on (filter_empty_gt=True).
+COCO_TRAIN_IMAGES = 117_266
+# Smaller training sets of the class subsets (images of train2017 holding the classes); None: unknown,
+# the full set is used and the estimate is marked an upper bound.
+SUBSET_TRAIN_IMAGES: dict[str, int | None] = {"coco": COCO_TRAIN_IMAGES}
+
+
+def recipe_epochs(cell_axes: dict[str, str], name: str) -> int:
+    """Real epochs of a cell's full recipe (`max_epochs x repeat_times`: ms-3x is 3 x 12)."""
+    from detector.recipes import resolve
+
+    schedule = resolve(dict(cell_axes), name=name).schedule
+    return int(schedule.max_epochs * schedule.repeat_times)
+
+
+def gpu_hours(*, epochs: int, images: int, images_per_s: float) -> float:
+    """GPU-hours of `epochs` passes over `images` at `images_per_s` per GPU."""
+    if images_per_s <= 0:
+        raise ValueError(f"images_per_s must be positive, got {images_per_s}")
+    return epochs * images / images_per_s / 3600.0
+
+
+def estimate(matrix: MatrixSpec, profile: str, runs_dir: Path, *, gpus: int = 8) -> pd.DataFrame:
+    """One row per cell: epochs, training images, measured images/s, GPU-hours, wall hours on `gpus`."""
+    return estimate_frame(matrix, collect(matrix, profile, Path(runs_dir)), gpus=gpus)
+
+
+def estimate_frame(matrix: MatrixSpec, runs: pd.DataFrame, *, gpus: int = 8) -> pd.DataFrame:
+    """`estimate` from a `collect()` frame already in hand (the page passes its own)."""
+    ok = runs[(runs["status"] == "ok") & runs["train_images_per_s"].notna()]
+    rows: list[dict[str, Any]] = []
+    for cell in matrix.cells:
+        mine = ok[ok["name"] == cell.name]
+        rate = float(mine["train_images_per_s"].mean()) if len(mine) else math.nan
+        per_gpu = rate / float(mine["world_size"].fillna(1).mean()) if len(mine) else math.nan
+        classes = dict(cell.axes).get("classes", "coco")
+        images = SUBSET_TRAIN_IMAGES.get(classes)
+        epochs = recipe_epochs(dict(cell.axes), cell.name)
+        hours = gpu_hours(epochs=epochs, images=images or COCO_TRAIN_IMAGES, images_per_s=per_gpu) if per_gpu > 0 else math.nan
+        rows.append({
+            "name": cell.name, "epochs": epochs, "train_images": images or COCO_TRAIN_IMAGES,
+            "upper_bound": images is None, "images_per_s_per_gpu": per_gpu, "gpu_hours": hours,
+            "wall_hours": hours / gpus if not math.isnan(hours) else math.nan,
+            "device": str(mine["device"].iloc[0]) if len(mine) else None,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def total_gpu_hours(df: pd.DataFrame) -> tuple[float, int]:
+    """(sum of the cells' GPU-hours that were measured, number of cells measured)."""
+    measured = df["gpu_hours"].dropna()
+    return float(measured.sum()), int(len(measured))
+
+
+def summary_line(df: pd.DataFrame) -> str | None:
+    """"Reproducing this table costs about N <device>-hours ..." or None when nothing was measured."""
+    total, n = total_gpu_hours(df)
+    if not n:
+        return None
+    devices = sorted({str(d) for d in df["device"].dropna()})
+    gpu = devices[0].removeprefix("NVIDIA ") if len(devices) == 1 else "GPU"
+    missing = f"; {len(df) - n} cell(s) not measured" if n < len(df) else ""
+    return (f"reproducing the {n} measured cells' full recipes costs about {total:,.0f} {gpu}-hours of training "
+            f"(`harness estimate`: epochs x COCO train images / measured images per second{missing})")
+
+
+def format_estimate(df: pd.DataFrame, *, gpus: int) -> str:
+    """A plain-text table and the totals."""
+    header = ("cell", "epochs", "img/s/GPU", "GPU-hours", f"wall h on {gpus}")
+    rows = [header]
+    for r in df.to_dict(orient="records"):
+        mark = "*" if r["upper_bound"] else ""
+        rows.append((r["name"], str(r["epochs"]), _num(r["images_per_s_per_gpu"], 1), _num(r["gpu_hours"], 1) + mark,
+                     _num(r["wall_hours"], 1)))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total, n = total_gpu_hours(df)
+    lines.append(f"\ntotal: {total:,.1f} GPU-hours over {n} measured cell(s); about {total / gpus:,.1f} h of wall "
+                 f"clock on {gpus} GPUs (cells one after another, linear scaling, no evaluation or start-up)")
+    if df["upper_bound"].any():
+        lines.append("*: a class subset whose training-set size is not known here; estimated with all of train2017")
+    return "\n".join(lines)
+
+
+def _num(x: Any, digits: int) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):,.{digits}f}"
+
+
+__all__ = ["COCO_TRAIN_IMAGES", "estimate", "estimate_frame", "format_estimate", "gpu_hours", "recipe_epochs", "summary_line", "total_gpu_hours"]

@@ -1,0 +1,218 @@
+"""The detector's fast paths compute what the plain paths compute (benchmarks.md, "what each change won").
+
+Each fast path has a switch; with it off the model runs the plain PyTorch modules:
+`backbones.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
+`FasterRCNN.cpu_channels_last` (NHWC batches on CPU) and `RoIPooler.cpu_threads` (CPU RoIAlign
+split over threads).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+from detector.model.backbones import conv_bn, set_fold_bn_
+from detector.config import DetectorConfig, ProposalConfig
+from detector.model.faster_rcnn import FasterRCNN, build_detector
+from detector.model.poolers import RoIPooler, ThreadedRoIAlign, _split_by_image, swap_layout
+
+
+# Fewer proposals and sampled RoIs than the recipe keep the test quick; the paths under test (the
+# convolutions) do not depend on those counts.
+_R = DetectorConfig().rpn
+SMALL_CFG = dataclasses.replace(
+    DetectorConfig(),
+    rpn=dataclasses.replace(_R, train=ProposalConfig(nms_pre=300, max_per_img=100), test=ProposalConfig(nms_pre=300, max_per_img=100)),
+    roi_head=dataclasses.replace(DetectorConfig().roi_head, num_samples=64),
+)
+
+
+def _random_bn_(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial frozen statistics and affine (a fresh BN is the identity, which hides mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 1, "bias": False},
+        {"kernel_size": 3, "padding": 1, "stride": 2, "bias": False},
+        {"kernel_size": 3, "padding": 2, "dilation": 2, "groups": 4, "bias": False},
+        {"kernel_size": 3, "padding": 1, "bias": True},
+    ],
+)
+def test_conv_bn_fold_matches_conv_then_bn_forward_and_backward(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, **kwargs), nn.BatchNorm2d(16)
+    _random_bn_(bn)
+    bn.eval()  # frozen statistics, trainable affine: mmdet norm_eval=True
+    x = torch.randn(2, 8, 12, 10, requires_grad=True)
+    outs, grads = [], []
+    for fold in (False, True):
+        for p in (*conv.parameters(), *bn.parameters(), x):
+            p.grad = None
+        y = conv_bn(conv, bn, x, fold=fold)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, conv.weight, bn.weight, bn.bias)])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for folded, plain in zip(grads[1], grads[0]):
+        torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_bn_with_batch_statistics_is_not_folded() -> None:
+    conv, bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4).train()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(conv_bn(conv, bn, x, fold=True), bn(conv(x)))
+
+
+def test_detector_folds_and_a_bare_backbone_does_not() -> None:
+    model = build_detector(DetectorConfig())
+    folds = [m.fold_bn for m in model.modules() if hasattr(m, "fold_bn")]
+    assert folds and all(folds)
+    from detector.model.backbones import ResNet
+
+    assert not any(m.fold_bn for m in ResNet(DetectorConfig().backbone).modules() if hasattr(m, "fold_bn"))
+
+
+def _assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3, name: str = "") -> None:
+    """Equal up to float32 rounding accumulated over ~50 layers: max |a - b| <= rel * max |b|.
+    (NHWC alone, fold off, already differs by ~1e-4 of the scale at C5: another summation order.)"""
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= rel * scale, f"{name}: max abs difference {err} > {rel} * {scale}"
+
+
+def _plain(model: FasterRCNN) -> FasterRCNN:
+    plain = copy.deepcopy(model)
+    plain.cpu_channels_last = False
+    plain.roi_head.bbox_roi_extractor.cpu_threads = False
+    set_fold_bn_(plain, False)
+    return plain
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[FasterRCNN, FasterRCNN]:
+    torch.manual_seed(0)
+    fast = build_detector(SMALL_CFG)
+    _random_bn_(fast.backbone)
+    with torch.no_grad():
+        # Well-separated class scores so that the detections themselves are comparable.
+        fast.roi_head.bbox_head.fc_cls.bias[:3] = torch.tensor([6.0, 4.0, 2.0])
+    return fast, _plain(fast)
+
+
+def _images(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3, 96 + 32 * i, 128), generator=g).float() for i in range(n)]
+
+
+def test_fast_and_plain_features_and_detections_agree(models: tuple[FasterRCNN, FasterRCNN]) -> None:
+    fast, plain = models
+    images = _images(2)
+    with torch.inference_mode():
+        batch, _, _ = fast.preprocess(images)
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        assert plain.preprocess(images)[0].is_contiguous()
+        for a, b in zip(fast.neck(fast.backbone(batch)), plain.neck(plain.backbone(batch.contiguous()))):
+            _assert_close_to_scale(a, b)
+        out_fast, out_plain = fast.eval()(images), plain.eval()(images)
+    for a, b in zip(out_fast, out_plain):
+        # Order-free: near-equal scores may swap places under a 1e-4 perturbation.
+        assert a["boxes"].shape[0] > 0 and a["boxes"].shape == b["boxes"].shape
+        torch.testing.assert_close(a["scores"].sort().values, b["scores"].sort().values, rtol=1e-3, atol=1e-4)
+        assert torch.equal(a["labels"].sort().values, b["labels"].sort().values)
+        same_label = a["labels"][:, None] == b["labels"][None, :]
+        best_iou = (box_iou(a["boxes"], b["boxes"]) * same_label).max(dim=1).values
+        assert best_iou.min() > 0.999
+
+
+def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[FasterRCNN, FasterRCNN]) -> None:
+    fast, plain = models
+    images = _images(2)
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [40.0, 30.0, 120.0, 90.0]]), "labels": torch.tensor([0, 5])},
+        {"boxes": torch.tensor([[5.0, 50.0, 60.0, 120.0]]), "labels": torch.tensor([2])},
+    ]
+    losses, grads = [], []
+    for model in (fast, plain):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same anchor / RoI samples
+        out = model(images, targets)
+        sum(out.values()).backward()
+        losses.append({k: v.detach() for k, v in out.items()})
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for key in losses[0]:
+        torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "backbone.layer2.0.bn1.weight" in grads[0]
+    for name, g in grads[0].items():
+        _assert_close_to_scale(g, grads[1][name], name=name)
+
+
+@pytest.mark.parametrize(("num_images", "channels_last"), [(1, False), (3, False), (2, True)])
+def test_threaded_roi_align_equals_one_plain_call(num_images: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    strides = (4, 8, 16, 32)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [torch.randn(num_images, 8, 128 // s, 160 // s, generator=g).contiguous(memory_format=fmt).requires_grad_() for s in strides]
+    n = 90
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([120.0, 90.0])
+    wh = torch.rand(n, 2, generator=g) ** 2 * 150 + 4
+    # Image 1 of 3 gets no RoI: its gradient must still come back (as zeros).
+    img = torch.randint(0, num_images, (n, 1), generator=g).float() * (0 if num_images == 1 else 1)
+    img[img == 1] = 2 if num_images == 3 else 0
+    rois = torch.cat([img, xy, xy + wh], 1)
+    pooler = RoIPooler(output_size=7, featmap_strides=strides, sampling_ratio=0, aligned=True, finest_scale=56)
+    weights = torch.randn(n, 8, 7, 7, generator=g)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    outs, grads, calls = [], [], []
+    real_apply = ThreadedRoIAlign.apply
+    monkeypatch.setattr(ThreadedRoIAlign, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    for threaded in (True, False):
+        pooler.cpu_threads = threaded
+        for f in feats:
+            f.grad = None
+        out = pooler(feats, rois)
+        (out * weights).sum().backward()
+        outs.append(out.detach())
+        grads.append([f.grad for f in feats])
+    assert calls, "the threaded path did not run"
+    assert torch.equal(outs[0], outs[1])  # the same kernel on the same inputs, row by row
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    if num_images == 3:
+        assert all(g is None or g[1].abs().sum() == 0 for g in grads[0])
+    # The gradient comes back in the features' layout (no cross-layout add in autograd).
+    assert all(g is None or g.is_contiguous(memory_format=fmt) for g in grads[0])
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 12, 20), (1, 1, 5, 7), (2, 3, 1, 1)])
+def test_swap_layout_keeps_values(shape: tuple[int, int, int, int]) -> None:
+    x = torch.randn(*shape)
+    to_cl = swap_layout(x, to_channels_last=True)
+    assert torch.equal(to_cl, x) and to_cl.is_contiguous(memory_format=torch.channels_last)
+    back = swap_layout(to_cl, to_channels_last=False)
+    assert torch.equal(back, x) and back.is_contiguous()
+    odd = x.transpose(2, 3)  # neither layout: plain .contiguous()
+    assert torch.equal(swap_layout(odd, to_channels_last=False), odd)
+
+
+def test_split_by_image_feeds_every_thread() -> None:
+    rois = torch.tensor([[0.0, 0, 0, 1, 1]] * 5 + [[2.0, 0, 0, 1, 1]] * 3)
+    one = _split_by_image(rois[:5], 1, workers=2)
+    assert [(i, p.tolist()) for i, p in one] == [(0, [0, 1, 2]), (0, [3, 4])]
+    two = _split_by_image(rois, 3, workers=2)
+    assert [(i, p.tolist()) for i, p in two] == [(0, [0, 1, 2, 3, 4]), (2, [5, 6, 7])]

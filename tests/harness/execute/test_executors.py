@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import UserError
+from harness.execute.executors import (
+    CellCommand,
+    LocalExecutor,
+    SubmititExecutor,
+    cell_argv,
+    make_executor,
+    run_pool,
+    thread_env,
+)
+
+
+def _wait(handle, timeout: float = 60.0) -> int:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while (code := handle.poll()) is None:
+        assert time.monotonic() - t0 < timeout, "cell process did not finish"
+        time.sleep(0.05)
+    return int(code)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has stopped running, which is what matters here.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_cell_argv_plain_and_torchrun(tmp_path: Path) -> None:
+    assert cell_argv(tmp_path) == (sys.executable, "-m", "detector.run", str(tmp_path))
+    assert cell_argv(tmp_path, nproc_per_cell=2) == (
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "detector.run", str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(UserError, match="nproc-per-cell"):
+        cell_argv(tmp_path, nproc_per_cell=0)
+
+
+def test_thread_env_splits_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert thread_env(jobs=1, nproc_per_cell=1) == {}
+    assert thread_env(jobs=2, nproc_per_cell=2) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert thread_env(jobs=32, nproc_per_cell=1)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert thread_env(jobs=2, nproc_per_cell=1) == {}
+
+
+def test_local_executor_runs_without_shell_and_captures_output(tmp_path: Path) -> None:
+    # A shell would expand `$HOME` and `;`: the argument must arrive untouched.
+    code = "import sys; print('out', sys.argv[1]); print('err', file=sys.stderr); sys.exit(3)"
+    cmd = CellCommand(cell_dir=tmp_path / "cell", argv=(sys.executable, "-c", code, "$HOME;x"), env={"H3_MARK": "1"})
+    assert _wait(LocalExecutor().submit(cmd)) == 3
+    text = (tmp_path / "cell" / "stdout.txt").read_text()
+    assert "out $HOME;x" in text and "err" in text
+
+
+def test_local_cancel_stops_the_whole_process_tree(tmp_path: Path) -> None:
+    # The cell starts a grandchild (as torchrun starts workers); cancel must stop both.
+    code = (
+        "import subprocess, sys, time;"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']);"
+        f"open({str(tmp_path / 'pids')!r}, 'w').write(f'{{p.pid}}');"
+        "time.sleep(120)"
+    )
+    handle = LocalExecutor(grace_s=2.0).submit(CellCommand(cell_dir=tmp_path, argv=(sys.executable, "-c", code)))
+    t0 = time.monotonic()
+    while not (tmp_path / "pids").exists() or not (tmp_path / "pids").read_text():
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.05)
+    grandchild = int((tmp_path / "pids").read_text())
+    assert handle.poll() is None and _alive(grandchild)
+    handle.cancel()
+    assert handle.poll() is not None
+    t0 = time.monotonic()
+    while _alive(grandchild) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+class _FakeHandle:
+    def __init__(self, log: list[str], name: str, polls: int, code: int) -> None:
+        self.log, self.name, self.polls, self.code = log, name, polls, code
+        self.cancelled = False
+
+    def poll(self) -> int | None:
+        self.polls -= 1
+        return self.code if self.polls <= 0 else None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.log.append(f"cancel {self.name}")
+
+
+def test_run_pool_caps_in_flight_and_survives_failures() -> None:
+    log: list[str] = []
+    running: set[str] = set()
+    peak = 0
+
+    def start(name: str) -> _FakeHandle | None:
+        nonlocal peak
+        if name == "cached":
+            return None
+        running.add(name)
+        peak = max(peak, len(running))
+        log.append(f"start {name}")
+        return _FakeHandle(log, name, polls=3, code=1 if name == "bad" else 0)
+
+    def finish(name: str, code: int) -> None:
+        running.discard(name)
+        log.append(f"finish {name} {code}")
+
+    run_pool(["a", "bad", "cached", "c", "d"], start=start, finish=finish, max_in_flight=2, poll_s=0.001)
+    assert peak == 2
+    assert sorted(x for x in log if x.startswith("finish")) == ["finish a 0", "finish bad 1", "finish c 0", "finish d 0"]
+    with pytest.raises(UserError, match="--jobs"):
+        run_pool([], start=start, finish=finish, max_in_flight=0)
+
+
+def test_run_pool_cancels_running_items_on_interrupt() -> None:
+    log: list[str] = []
+    handles: list[_FakeHandle] = []
+    polls = 0
+
+    class Interrupting(_FakeHandle):
+        def poll(self) -> int | None:
+            nonlocal polls
+            polls += 1
+            if polls == 5:  # Ctrl-C arrives while the pool waits on its cells
+                raise KeyboardInterrupt
+            return None
+
+    def start(name: str) -> _FakeHandle:
+        handles.append(Interrupting(log, name, polls=0, code=0))
+        return handles[-1]
+
+    def finish(name: str, code: int) -> None:
+        raise AssertionError("nothing finished")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pool(["a", "b", "c"], start=start, finish=finish, max_in_flight=2, poll_s=0.001)
+    assert [h.name for h in handles] == ["a", "b"] and all(h.cancelled for h in handles)
+
+
+def test_make_executor_names() -> None:
+    assert isinstance(make_executor("local", folder=Path(".")), LocalExecutor)
+    sub = make_executor("submitit", folder=Path("x"), nproc_per_cell=2, device="cuda", cluster="local")
+    assert isinstance(sub, SubmititExecutor) and sub.gpus_per_node == 2 and sub.timeout_min >= 60
+    assert make_executor("submitit", folder=Path("x"), nproc_per_cell=2, device="cpu").gpus_per_node == 0  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match="allowed: local, submitit"):
+        make_executor("ray", folder=Path("."))
+
+
+def test_submitit_local_executor_runs_cells_for_real(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    executor = SubmititExecutor(folder=tmp_path / "_submitit", cluster="local", timeout_min=5)
+    ok = CellCommand(cell_dir=tmp_path / "ok", argv=(sys.executable, "-c", "import os; print('in job', os.environ['H3'])"), env={"H3": "yes"})
+    bad = CellCommand(cell_dir=tmp_path / "bad", argv=(sys.executable, "-c", "raise SystemExit(5)"))
+    handles = [executor.submit(ok), executor.submit(bad)]
+    assert [_wait(h, timeout=120) for h in handles] == [0, 5]
+    assert "in job yes" in (tmp_path / "ok" / "stdout.txt").read_text()
+    # submitit kept its own job logs under the folder we gave it.
+    assert any((tmp_path / "_submitit").iterdir())

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from detector.config import DetectorConfig, RunConfig
+from detector.recipes import resolve
+from harness.execute import plan as planning
+from harness.errors import UserError
+from harness.matrix.spec import load_matrix
+
+R50 = "faster-rcnn_r50_fpn_1x_coco"
+C4 = "faster-rcnn_r50-caffe_c4-1x_coco"
+
+
+def _coco_root(tmp_path: Path, *, val: bool) -> Path:
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    (root / "annotations" / "instances_train2017.json").write_text("{}")
+    if val:
+        (root / "val2017").mkdir()
+        (root / "annotations" / "instances_val2017.json").write_text("{}")
+    return root
+
+
+def test_check_coco_root_names_what_is_missing(tmp_path: Path) -> None:
+    root = _coco_root(tmp_path, val=False)
+    assert planning.check_coco_root(root, "--data") == root.resolve()
+    (root / "train2017").rmdir()
+    with pytest.raises(UserError, match=r"--data .*coco: missing train2017/"):
+        planning.check_coco_root(root, "--data")
+    with pytest.raises(UserError, match="no such folder"):
+        planning.check_coco_root(tmp_path / "nope", "--data")
+
+
+def test_synthetic_root_is_generated_once(tmp_path: Path) -> None:
+    root = planning.synthetic_root(tmp_path, images=2, seed=3)
+    assert root == tmp_path / "_data" / "synthetic-2-s3"
+    ann = root / "annotations" / "instances_train2017.json"
+    stamp = ann.stat().st_mtime_ns
+    assert planning.synthetic_root(tmp_path, images=2, seed=3) == root
+    assert ann.stat().st_mtime_ns == stamp  # cached, not regenerated
+    assert [p.name for p in (tmp_path / "_data").iterdir() if not p.name.startswith(".")] == ["synthetic-2-s3"]
+
+
+def test_run_config_from_profile(tmp_path: Path) -> None:
+    smoke = load_matrix("faster_rcnn").profile("smoke")
+    root = _coco_root(tmp_path, val=False)
+    run = planning.run_config(smoke, data_root=root, device="cpu", seed=4)
+    assert isinstance(run, RunConfig)
+    assert run.val_ann is None and run.val_images is None  # no val split: evaluation uses train
+    assert (run.max_iters, run.image_scale, run.images_per_gpu, run.seed) == (smoke.max_iters, smoke.image_scale, smoke.images_per_gpu, 4)
+    assert (run.eval_max_images, run.bench_images, run.checkpoint_interval, run.workers) == (
+        smoke.eval_max_images, smoke.bench_images, smoke.checkpoint_interval, smoke.workers,
+    )  # fmt: skip
+    # The smoke profile trains a few iterations: every one is logged, so its loss curve has points.
+    assert run.log_interval == smoke.log_interval == 1
+    assert run.checkpoint_interval is None  # no checkpoints: a smoke cell re-runs in seconds
+    with_val = planning.run_config(smoke, data_root=_coco_root(tmp_path / "v", val=True), device="cpu", seed=0)
+    assert with_val.val_ann == "annotations/instances_val2017.json" and with_val.val_images == "val2017"
+    assert RunConfig.from_dict(run.to_dict()) == run
+
+
+def test_parse_pretrained(tmp_path: Path) -> None:
+    weights = tmp_path / "r50.pth"
+    weights.write_bytes(b"x")
+    assert planning.parse_pretrained([f"torchvision://resnet50={weights}"]) == {"torchvision://resnet50": weights.resolve()}
+    with pytest.raises(UserError, match="NAME=FILE"):
+        planning.parse_pretrained(["r50.pth"])
+    with pytest.raises(UserError, match="no such file"):
+        planning.parse_pretrained([f"torchvision://resnet50={tmp_path / 'missing.pth'}"])
+
+
+def test_plan_run_seeds_specs_and_pretrained(tmp_path: Path) -> None:
+    matrix = load_matrix("faster_rcnn")
+    smoke = matrix.profile("smoke")
+    cells = matrix.select([R50, "faster-rcnn_r101_fpn_1x_coco"])
+    weights = tmp_path / "r50.pth"
+    weights.write_bytes(b"x")
+    jobs = planning.plan_run(matrix, smoke, cells=cells, seeds=[0, 1], runs_dir=tmp_path / "runs", data_root=tmp_path,
+                             device="cpu", pretrained={"torchvision://resnet50": weights})  # fmt: skip
+    assert [(j.name, j.seed) for j in jobs] == [(c.name, s) for c in cells for s in (0, 1)]
+    r50 = jobs[0]
+    assert r50.folder == tmp_path / "runs" / "faster_rcnn" / "smoke" / R50 and jobs[1].folder == r50.folder / "seed-1"
+    assert DetectorConfig.from_dict(r50.spec["config"]) == resolve(dict(cells[0].axes), name=R50)
+    assert r50.spec["run"]["pretrained_path"] == str(weights) and jobs[2].spec["run"]["pretrained_path"] is None
+    assert r50.notes == resolve(dict(cells[0].axes), name=R50).notes and r50.skip_reason is None
+    assert r50.config_hash != jobs[1].config_hash  # the seed is part of the spec
+    with pytest.raises(UserError, match="no selected cell uses it"):
+        planning.plan_run(matrix, smoke, cells=cells, seeds=[0], runs_dir=tmp_path, data_root=tmp_path, device="cpu",
+                          pretrained={"open-mmlab://resnext101_64x4d": weights})  # fmt: skip
+
+
+def test_a_cell_the_detector_cannot_build_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import detector.model.faster_rcnn
+
+    real = detector.model.faster_rcnn.build_detector
+
+    def no_c4(cfg: DetectorConfig) -> object:
+        if cfg.roi_head.kind == "res5":
+            raise NotImplementedError("res5 shared head")
+        return real(cfg)
+
+    monkeypatch.setattr(detector.model.faster_rcnn, "build_detector", no_c4)
+    matrix = load_matrix("faster_rcnn")
+    jobs = planning.plan_run(matrix, matrix.profile("smoke"), cells=matrix.select([C4, R50]), seeds=[0],
+                             runs_dir=tmp_path, data_root=tmp_path, device="cpu", pretrained={})  # fmt: skip
+    by_name = {j.name: j for j in jobs}
+    assert by_name[C4].skip_reason == "the detector cannot build this cell: NotImplementedError: res5 shared head"
+    assert by_name[R50].skip_reason is None
+
+
+def test_build_problem_leaves_other_errors_to_the_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    import detector.model.faster_rcnn
+
+    cfg = DetectorConfig()
+    assert planning.build_problem(cfg) is None
+    monkeypatch.setattr(detector.model.faster_rcnn, "build_detector", lambda cfg: (_ for _ in ()).throw(RuntimeError("meta")))
+    assert planning.build_problem(cfg) is None
+    bad = dataclasses.replace(cfg, name="x")
+    monkeypatch.setattr(detector.model.faster_rcnn, "build_detector", lambda cfg: (_ for _ in ()).throw(NotImplementedError("x")))
+    assert "NotImplementedError: x" in str(planning.build_problem(bad))
+
+
+def test_dataset_root_choices(tmp_path: Path) -> None:
+    matrix = load_matrix("faster_rcnn")
+    full = matrix.profile("full")
+    with pytest.raises(UserError, match="--data"):
+        planning.dataset_root(matrix, full, data=None, runs_dir=tmp_path, seed=0, log=print)
+    root = _coco_root(tmp_path, val=True)
+    assert planning.dataset_root(matrix, full, data=str(root), runs_dir=tmp_path, seed=0, log=print) == root.resolve()
