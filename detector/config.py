@@ -20,6 +20,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from detector.errors import ConfigError
+
 Style = Literal["pytorch", "caffe"]
 NormMode = Literal["bn_eval", "frozen"]  # BN statistics frozen; affine trainable ("bn_eval") or not
 NeckKind = Literal["fpn", "none"]
@@ -28,10 +30,6 @@ BoxLoss = Literal["l1", "smooth_l1", "iou", "giou", "bounded_iou"]
 Precision = Literal["fp32", "amp_fp16", "bf16"]
 Optimizer = Literal["sgd", "adamw"]
 TrainScale = Literal["single", "ms_range", "ms_choice"]
-
-
-class ConfigError(ValueError):
-    """A config value that does not exist; the message names the field and the allowed values."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,12 +25,12 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from detector.train import checkpoint as ckpt
-from detector.train import engine
-from detector.bench import measure
 from detector import recipes
-from detector.train import solver
-from detector.config import ConfigError, DetectorConfig, RunConfig
+from detector.bench import measure
+from detector.config import DetectorConfig, RunConfig
+from detector.errors import ConfigError
+from detector.train import checkpoint as ckpt
+from detector.train import engine, solver
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from detector.api import USER_ERRORS
 from harness.errors import UserError
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from harness.matrix.spec import load_matrix
+    from harness.matrix.parse import load_matrix
 
     matrix = load_matrix(args.matrix)
     cells = matrix.cells_for(args.profile) if args.profile else list(matrix.cells)
@@ -214,15 +215,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _resolved(matrix_name: str, cell_name: str) -> tuple[Any, Any]:
-    from detector.recipes import resolve
-    from harness.matrix.spec import load_matrix
+    from detector.api import resolve
+    from harness.matrix.parse import load_matrix
 
     cell = load_matrix(matrix_name).cell(cell_name)
     return cell, resolve(cell.axes, name=cell.name)
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from detector.model.faster_rcnn import describe
+    from detector.api import describe
 
     cell, cfg = _resolved(args.matrix, args.cell)
     info = _jsonable(describe(cfg))
@@ -258,10 +259,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from harness.results.collect import collect, load_loss_curves, loss_trends
-    from harness.results.compare import compare, comparison_exit_code, summary_counts
     from harness.execute.plan import execute_run, runs_dir_of
     from harness.publish.page import write_report
+    from harness.results.collect import collect, load_loss_curves, loss_trends
+    from harness.results.compare import compare, comparison_exit_code, summary_counts
 
     summary, matrix = execute_run(args, log=_log)
     runs_dir = runs_dir_of(args)
@@ -311,8 +312,8 @@ def _regression_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.matrix.spec import load_matrix
     from harness.execute.plan import runs_dir_of
+    from harness.matrix.parse import load_matrix
     from harness.publish.page import write_report
 
     matrix = load_matrix(args.matrix)
@@ -322,9 +323,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.results.compare import compare, comparison_exit_code, comparison_records, format_comparison
-    from harness.matrix.spec import load_matrix
     from harness.execute.plan import runs_dir_of
+    from harness.matrix.parse import load_matrix
+    from harness.results.compare import (
+        compare,
+        comparison_exit_code,
+        comparison_records,
+        format_comparison,
+    )
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
@@ -337,9 +343,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from harness.results.estimate import estimate, format_estimate
-    from harness.matrix.spec import load_matrix
     from harness.execute.plan import runs_dir_of
+    from harness.matrix.parse import load_matrix
+    from harness.results.estimate import estimate, format_estimate
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
@@ -352,7 +358,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from detector.data.coco_eval import evaluate_files
+    from detector.api import evaluate_files
 
     stats = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"))
     if args.format == "json":
@@ -364,7 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        from detector.model.weights import verify
+        from detector.api import verify
     except ImportError as exc:
         raise UserError(f"verify: the checkpoint verifier (detector.model.weights.verify) is not available: {exc}") from None
     from harness.execute.plan import check_coco_root, default_device
@@ -379,7 +385,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from detector.bench.measure import bench
+    from detector.api import bench
 
     _cell, cfg = _resolved(args.matrix, args.cell)
     try:
@@ -392,12 +398,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
-        from detector.data.synth import make_synthetic_coco
+        from detector.api import make_synthetic_coco
 
         out = make_synthetic_coco(Path(args.out), images=args.images, seed=args.seed)
         print(f"wrote a synthetic COCO root with {args.images} train images (seed {args.seed}) to {out}")
         return OK
-    from detector.data.coco import subset_annotations
+    from detector.api import subset_annotations
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     ann = _existing(args.ann, "--ann")
@@ -450,30 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"harness: error: {where}: {exc.strerror}{hint}; finished cells keep their results\n")
         return USAGE
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, (UserError, *USER_ERRORS)):
             sys.stderr.write(f"harness: error: {_one_line(str(exc))}\n")
             return USAGE
         raise
 
 
 _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-
-
-_DETECTOR_USER_ERRORS = (
-    ("detector.config", "ConfigError"),
-    ("detector.data.coco", "DataError"),
-    ("detector.model.weights", "WeightsError"),
-)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that are the user's mistake, not ours: reported without a traceback."""
-    kinds: list[type[BaseException]] = [UserError]
-    for module, name in _DETECTOR_USER_ERRORS:
-        mod = sys.modules.get(module)  # only if loaded: if it is not, it cannot have raised
-        if mod is not None and isinstance(getattr(mod, name, None), type):
-            kinds.append(getattr(mod, name))
-    return tuple(kinds)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -149,7 +149,9 @@ def bench(
         {"fps", "ms_per_img", "images", "warmup", "image_size", "device", "device_class",
          "precision", "mem_gb", "mem_kind"} (memory: peak during this benchmark).
     """
-    from detector.model.faster_rcnn import build_detector  # lazy: keeps `measure` importable on its own
+    from detector.model.faster_rcnn import (
+        build_detector,  # lazy: keeps `measure` importable on its own
+    )
 
     try:
         dev = torch.device(device)

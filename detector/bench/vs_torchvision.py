@@ -33,7 +33,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from detector.model.backbones import set_fold_bn_
 from detector.bench.pair import (
     DIFFERENCES,
     BenchSettings,
@@ -45,6 +44,7 @@ from detector.bench.pair import (
     torchvision_kwargs,
 )
 from detector.bench.report import BEGIN, END, write_reports
+from detector.model.backbones import set_fold_bn_
 from detector.model.faster_rcnn import FasterRCNN
 
 # --------------------------------------------------------------------------- one call of each kind

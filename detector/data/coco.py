@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,26 +32,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detector.config import DetectorConfig, RunConfig
 from detector.data.transforms import DetTransform, build_transform
+from detector.errors import DataError
+from detector.jsonio import read_json, write_json_atomic
 
 Item = tuple[Tensor, dict[str, Tensor], dict[str, Any]]
 Batch = tuple[list[Tensor], list[dict[str, Tensor]], list[dict[str, Any]]]
-
-
-class DataError(ValueError):
-    """Bad or inconsistent data on disk; the message names the file (and the field) at fault."""
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Load a JSON file; a missing, unreadable, truncated or invalid file is a `DataError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} {path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{what} {path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
 
 
 def load_coco(ann_file: Path, *, drop_segmentation: bool = False) -> COCO:
@@ -363,26 +347,6 @@ def iterate_batches(loader: DataLoader[Item], *, start_iter: int = 0) -> Iterato
             yield it, epoch, batch
             it += 1
         epoch, skip = epoch + 1, 0
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the target folder, then rename it into place: a reader, a
-    crash or a full disk never leaves a half-written file under the target's name."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(obj, separators=(",", ":")))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def subset_annotations(ann_in: Path, out: Path, *, categories: list[str] | None, max_images: int | None) -> dict[str, Any]:

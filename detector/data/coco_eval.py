@@ -33,7 +33,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from detector.data.coco import DataError, load_coco, read_json, select_categories
+from detector.data.coco import load_coco, select_categories
+from detector.errors import DataError
+from detector.jsonio import read_json
 
 PROPOSAL_NUMS = (100, 300, 1000)  # mmdet CocoMetric default, written into params.maxDets
 METRIC_KEYS: tuple[str, ...] = (

@@ -24,7 +24,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from detector.data.coco import DataError, read_json
+from detector.errors import DataError
+from detector.jsonio import read_json
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,6 @@ anchors.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 

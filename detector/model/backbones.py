@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detector.config import BackboneConfig, ConfigError
+from detector.config import BackboneConfig
+from detector.errors import ConfigError
 
 # Bottleneck blocks per stage (reference 1.5: depth 50 / 101).
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detector.config import DetectorConfig
+from detector.errors import ConfigError
 from detector.model.backbones import build_backbone, set_fold_bn_
-from detector.config import ConfigError, DetectorConfig
 from detector.model.necks import build_neck
 from detector.model.roi_heads import StandardRoIHead
 from detector.model.rpn import RPNHead

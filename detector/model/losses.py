@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from detector.errors import ConfigError
 from detector.model.box_ops import aligned_iou
-from detector.config import ConfigError
 
 
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detector.config import ConfigError, NeckConfig
+from detector.config import NeckConfig
+from detector.errors import ConfigError
 
 
 class ConvModule(nn.Module):

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from detector.config import BackboneConfig, RoIHeadConfig
+from detector.errors import ConfigError
 from detector.model.backbones import ResLayerHead
 from detector.model.box_ops import BoxCoder
-from detector.config import BackboneConfig, ConfigError, RoIHeadConfig
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.poolers import RoIPooler
 from detector.model.rpn import topk_per_image

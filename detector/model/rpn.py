@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from detector.config import ProposalConfig, RPNConfig
+from detector.errors import ConfigError
 from detector.model.anchors import AnchorGenerator, inside_flags
 from detector.model.box_ops import BoxCoder
-from detector.config import ConfigError, ProposalConfig, RPNConfig
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.sampling import max_iou_assign, random_sample
 

@@ -52,15 +52,12 @@ import torch
 from torch import Tensor, nn
 
 from detector.config import DetectorConfig, RunConfig
+from detector.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
 BackboneKind = Literal["torchvision", "mmcv", "auto"]
 _SHOWN = 10  # keys listed per category in an error message
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read or does not fit the model; the message names the file."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,10 +485,10 @@ def verify(
         points, one decimal), `eval_split`, `images`, `checkpoint` and `classes_checked` (whether
         the file recorded class names that were compared).
     """
-    from detector.data import coco_eval
     from detector.data import coco as data
-    from detector.train import engine  # late: the engine imports this module
+    from detector.data import coco_eval
     from detector.model.faster_rcnn import build_detector
+    from detector.train import engine  # late: the engine imports this module
 
     run = RunConfig(data_root=str(data_root), device=device, eval_max_images=max_images, workers=workers)
     dataset = data.build_dataset(cfg, run, train=False)

@@ -30,12 +30,12 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from detector.api import write_json_atomic as _write_json_atomic
 from harness.errors import UserError
 
 SPEC, METRICS, RESULT, LOG = "spec.json", "metrics.json", "result.json", "log.jsonl"
@@ -68,20 +68,8 @@ def cell_dir(runs_dir: Path, matrix: str, profile: str, cell: str, seed: int) ->
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file next to `path`, fsync it, then `os.replace` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`result.json`, `spec.json` and the other files of a cell folder: strict, indented, atomic."""
+    _write_json_atomic(path, obj, pretty=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

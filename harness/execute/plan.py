@@ -20,14 +20,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from detector.config import ConfigError, DetectorConfig, RunConfig
-from detector.data.validate import DatasetReport, check_classes, validate_split
+from detector.api import (
+    ConfigError,
+    DatasetReport,
+    DetectorConfig,
+    RunConfig,
+    WeightsError,
+    cannot_build,
+    check_classes,
+    resolve,
+    validate_split,
+)
 from harness.errors import UserError
-from harness.execute.executors import make_executor, thread_env
-from harness.matrix.spec import Cell, MatrixSpec, Profile
-from harness.execute.provenance import base_provenance
 from harness.execute.cells import cell_dir, check_name, profile_dir
+from harness.execute.executors import make_executor, thread_env
+from harness.execute.provenance import base_provenance
 from harness.execute.runner import CellJob, RunSummary, run_jobs
+from harness.matrix.spec import Cell, MatrixSpec, Profile
 
 TRAIN_ANN = "annotations/instances_train2017.json"
 TRAIN_IMAGES = "train2017"
@@ -78,7 +87,7 @@ def synthetic_root(runs_dir: Path, *, images: int, seed: int, size: tuple[int, i
     Generated into a temporary folder and renamed into place under a lock, so a second runner
     never sees half a dataset and never generates it twice.
     """
-    from detector.data.synth import make_synthetic_coco
+    from detector.api import make_synthetic_coco
 
     base = Path(runs_dir) / "_data"
     base.mkdir(parents=True, exist_ok=True)
@@ -169,31 +178,9 @@ def run_config(
     )
 
 
-def build_problem(cfg: DetectorConfig) -> str | None:
-    """Why the detector cannot build `cfg` (ConfigError / NotImplementedError), or None if it can.
-
-    The model is built on the meta device: no memory, no init cost, same constructor code. Any
-    other exception is not decided here: the cell runs and its own process reports the error.
-    """
-    try:
-        import torch
-
-        from detector.model.faster_rcnn import build_detector
-    except ImportError:
-        return None
-    try:
-        with torch.device("meta"):
-            build_detector(cfg)
-    except (ConfigError, NotImplementedError) as exc:
-        return f"the detector cannot build this cell: {type(exc).__name__}: {exc}"
-    except Exception:  # noqa: BLE001 - see docstring
-        return None
-    return None
-
-
 def check_pretrained_files(pretrained: dict[str, Path]) -> None:
     """Each `--pretrained NAME=PATH` resolves to a file now (a folder must hold the expected file)."""
-    from detector.model.weights import PRETRAINED, WeightsError, resolve_local
+    from detector.api import PRETRAINED, resolve_local
 
     for name, path in pretrained.items():
         if name not in PRETRAINED:
@@ -210,7 +197,7 @@ def missing_initialisation(cells: Sequence[tuple[str, DetectorConfig]], pretrain
     A cell needs its `load_from` checkpoint if it has one (it overwrites the backbone), else its
     ImageNet `pretrained` backbone.
     """
-    from detector.model.weights import PRETRAINED
+    from detector.api import PRETRAINED
 
     need: dict[str, list[str]] = {}
     for name, cfg in cells:
@@ -258,7 +245,6 @@ class DataCheck:
 
 
 def _resolvable(cell: Cell) -> DetectorConfig | None:
-    from detector.recipes import resolve
 
     try:
         return resolve(dict(cell.axes), name=cell.name)
@@ -304,7 +290,6 @@ def plan_run(
     `data` (the validated splits, `check_data`): each cell's categories are checked against them;
     `classes="dataset"` (or a cell's axis `classes: dataset`) trains the file's own categories.
     """
-    from detector.recipes import resolve
 
     check_name("matrix", matrix.name)
     resolved: list[tuple[Cell, DetectorConfig | None, str | None]] = []
@@ -316,7 +301,7 @@ def plan_run(
         if cfg is not None and data is not None:
             cfg = data.fit(cell.name, cfg, from_dataset=classes == "dataset" or cell.axes.get("classes") == "dataset")
         if cfg is not None:
-            problem = build_problem(cfg)
+            problem = cannot_build(cfg)
         resolved.append((cell, cfg, problem))
     used = {name for _c, cfg, _p in resolved if cfg is not None for name in (cfg.pretrained, cfg.load_from) if name}
     unknown = sorted(set(pretrained) - used)
@@ -346,7 +331,7 @@ def plan_run(
 
 def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tuple[RunSummary, MatrixSpec]:
     """`harness run` (and the first half of `reproduce`): plan the cells, run them, log a summary."""
-    from harness.matrix.spec import load_matrix
+    from harness.matrix.parse import load_matrix
 
     matrix = load_matrix(args.matrix)
     profile = matrix.profile(args.profile)
@@ -393,7 +378,6 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
 
 __all__ = [
     "DataCheck",
-    "build_problem",
     "check_data",
     "check_pretrained_files",
     "check_coco_root",

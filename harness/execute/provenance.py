@@ -98,7 +98,7 @@ def device_class(name: str) -> str:
     detector is importable so both sides agree, else the same rule in short form below.
     """
     try:
-        from detector.bench.measure import device_class as detector_device_class
+        from detector.api import device_class as detector_device_class
     except Exception:  # noqa: BLE001 - no torch / detector: fall back
         return _device_class(name)
     return str(detector_device_class(name))

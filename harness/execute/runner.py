@@ -13,10 +13,27 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness.execute.cells import (
+    METRICS,
+    RESULT,
+    SPEC,
+    STDOUT,
+    CellLock,
+    archive_outputs,
+    canonical_json,
+    cell_dir,
+    check_name,
+    config_hash,
+    finished_result,
+    iter_results,
+    profile_dir,
+    read_json,
+    tail,
+    write_json_atomic,
+)
 from harness.execute.executors import CellCommand, Executor, Handle, cell_argv, run_pool
 from harness.execute.progress import Progress
 from harness.execute.provenance import cell_provenance, now_iso
-from harness.execute.cells import CellLock, METRICS, RESULT, SPEC, STDOUT, archive_outputs, canonical_json, cell_dir, check_name, config_hash, finished_result, iter_results, profile_dir, read_json, tail, write_json_atomic
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from functools import lru_cache
 
-from detector.recipes import DEFAULT_AXES
+from detector.api import DEFAULT_AXES
 
 # Names become folder names under runs/: letters, digits, '.', '_', '-'; no leading dot, no '..'.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -97,33 +96,23 @@ def strip_artifact(name: str) -> str:
     return _HASH_SUFFIX.sub("", stem)
 
 
-def canonical(name: str, aliases: Mapping[str, str] | None = None) -> str:
+def canonical(name: str, aliases: Mapping[str, str]) -> str:
     """Map any known spelling of a cell to its v3 cell name.
 
     Args:
         name: a cell name, alias (v2 config name, metafile Name), or an artifact file name / URL.
-        aliases: alias -> cell name (cell names map to themselves). Default: the table of
-            `matrices/faster_rcnn.yaml`.
+        aliases: alias -> cell name (cell names map to themselves): `MatrixSpec.aliases`.
 
     Returns:
         The cell name, or the stripped `name` unchanged when no alias matches (callers check
         membership and raise their own error).
     """
-    table = default_aliases() if aliases is None else aliases
     for candidate in (name, strip_artifact(name)):
-        if candidate in table:
-            return table[candidate]
-    lowered = {key.lower(): value for key, value in table.items()}
+        if candidate in aliases:
+            return aliases[candidate]
+    lowered = {key.lower(): value for key, value in aliases.items()}
     stem = strip_artifact(name).lower()
     return lowered.get(stem, strip_artifact(name))
 
 
-@lru_cache(maxsize=1)
-def default_aliases() -> dict[str, str]:
-    """Alias table of the bundled Faster R-CNN matrix (loaded once, lazily)."""
-    from harness.matrix.spec import load_matrix  # local import: matrix imports this module
-
-    return load_matrix("faster_rcnn").aliases
-
-
-__all__ = ["canonical", "compose", "default_aliases", "is_safe_name", "strip_artifact"]
+__all__ = ["canonical", "compose", "is_safe_name", "strip_artifact"]

@@ -16,10 +16,9 @@ from typing import Any, NoReturn
 
 import yaml
 
-from detector.config import ConfigError
-from detector.recipes import AXES, DEFAULT_AXES, resolve
-from harness.matrix import naming
+from detector.api import AXES, DEFAULT_AXES, ConfigError, resolve
 from harness.errors import UserError
+from harness.matrix import naming
 from harness.matrix.spec import (
     COMPARE_MODES,
     DEFAULT_MATRIX,
@@ -355,3 +354,25 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
     minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1,
                "log_interval": 1}.get(key, 0)
     return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images", "proposal_cap", "checkpoint_interval"))
+
+
+def load_matrix(name_or_path: str | Path, *, matrices_dir: Path | None = None) -> MatrixSpec:
+    """Load `matrices/<name>.yaml` (a bare name) or a YAML file path; every error is a UserError."""
+    return parse(_find(str(name_or_path), matrices_dir).resolve())
+
+
+def _find(name_or_path: str, directory: Path | None) -> Path:
+    base = directory if directory is not None else matrices_dir()
+    looks_like_path = "/" in name_or_path or "\\" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
+    if looks_like_path or Path(name_or_path).is_file():
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"matrix file {name_or_path!r} does not exist")
+        return path
+    path = base / f"{name_or_path}.yaml"
+    if not naming.is_safe_name(name_or_path) or not path.is_file():
+        available = sorted(p.stem for p in base.glob("*.yaml")) if base.is_dir() else []
+        raise UserError(f"unknown matrix {name_or_path!r} (looked in {base}); allowed: {', '.join(available) or 'none'} or a path to a YAML file")
+    return path
+
+

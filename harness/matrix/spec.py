@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detector.config import DetectorConfig
-from detector.recipes import resolve
-from harness.matrix import naming
+from detector.api import DetectorConfig, resolve
 from harness.errors import UserError
+from harness.matrix import naming
 
 DEFAULT_MATRIX = "faster_rcnn"
 # Seed column header -> Published field. "Config" and "Download" are derived from the cell.
@@ -208,13 +207,6 @@ def matrices_dir() -> Path:
     return repo_root() / "matrices"
 
 
-def load_matrix(name_or_path: str | Path, *, matrices_dir: Path | None = None) -> MatrixSpec:
-    """Load `matrices/<name>.yaml` (a bare name) or a YAML file path; every error is a UserError."""
-    from harness.matrix.parse import parse  # the parser imports the types above
-
-    return parse(_find(str(name_or_path), matrices_dir).resolve())
-
-
 def expand_matrix(axes: Mapping[str, Sequence[str]], include: Sequence[Mapping[str, str]] = (),
                   exclude: Sequence[Mapping[str, str]] = ()) -> list[dict[str, str]]:
     """GitHub Actions matrix expansion.
@@ -240,20 +232,5 @@ def expand_matrix(axes: Mapping[str, Sequence[str]], include: Sequence[Mapping[s
     return combos + added
 
 
-def _find(name_or_path: str, directory: Path | None) -> Path:
-    base = directory if directory is not None else matrices_dir()
-    looks_like_path = "/" in name_or_path or "\\" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
-    if looks_like_path or Path(name_or_path).is_file():
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise UserError(f"matrix file {name_or_path!r} does not exist")
-        return path
-    path = base / f"{name_or_path}.yaml"
-    if not naming.is_safe_name(name_or_path) or not path.is_file():
-        available = sorted(p.stem for p in base.glob("*.yaml")) if base.is_dir() else []
-        raise UserError(f"unknown matrix {name_or_path!r} (looked in {base}); allowed: {', '.join(available) or 'none'} or a path to a YAML file")
-    return path
-
-
 __all__ = ["Cell", "MatrixSpec", "Profile", "Published", "Row", "Table", "Tolerances", "expand_matrix",
-           "load_matrix", "matrices_dir", "repo_root"]
+           "matrices_dir", "repo_root"]

@@ -17,8 +17,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from detector.config import ConfigError
-from detector.recipes import resolve
+from detector.api import ConfigError, resolve
 from harness.matrix.spec import Cell, MatrixSpec
 
 PUBLISHED_HARDWARE = "V100"

@@ -26,13 +26,38 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from harness.results.collect import collect, load_loss_curves, loss_trends, recipe_notes, results_csv_frame
-from harness.results.compare import compare_frame, summary_counts
-from harness.matrix.spec import METRIC_COLUMNS, Cell, MatrixSpec, Profile, Row, Table, repo_root
-from harness.publish.metafile import measured_metafile, published_metafile, write_metafile
 from harness.execute.cells import profile_dir
+from harness.matrix.spec import (
+    METRIC_COLUMNS,
+    Cell,
+    MatrixSpec,
+    Profile,
+    Row,
+    Table,
+    repo_root,
+)
+from harness.publish.metafile import (
+    measured_metafile,
+    published_metafile,
+    write_metafile,
+)
 from harness.publish.plots import plot_ap_vs_fps, plot_ap_vs_published, plot_loss_curves
-from harness.results.verdicts import COMPARABLE_MEM_KIND, FPS_REL, METRICS, PUBLISHED_DEVICE_CLASS, quirk_ids, scope_of
+from harness.results.collect import (
+    collect,
+    load_loss_curves,
+    loss_trends,
+    recipe_notes,
+    results_csv_frame,
+)
+from harness.results.compare import compare_frame, summary_counts
+from harness.results.verdicts import (
+    COMPARABLE_MEM_KIND,
+    FPS_REL,
+    METRICS,
+    PUBLISHED_DEVICE_CLASS,
+    quirk_ids,
+    scope_of,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Where the measured page points config links (the seed's `./x.py` links are relative to this folder).

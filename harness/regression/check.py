@@ -27,10 +27,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.execute import machine
-from harness.regression.baselines import RegressionSpec, default_path, load_spec, write_baseline
 from harness.errors import UserError
-from harness.regression.judge import fingerprint, judge, portable_spec_hash, print_judgement
+from harness.execute import machine
+from harness.regression.baselines import (
+    RegressionSpec,
+    default_path,
+    load_spec,
+    write_baseline,
+)
+from harness.regression.judge import (
+    fingerprint,
+    judge,
+    portable_spec_hash,
+    print_judgement,
+)
 
 Log = Callable[[str], None]
 CI_DATA = "../shared/data/coco128"  # what CI passes; named in the messages
@@ -77,7 +87,7 @@ def resolve_data(data: str | None, *, ci: bool, log: Log) -> Path | None:
 
 def overfit_root(base: Path, data_root: Path, images: int) -> Path:
     """`<base>/_data/overfit-<n>/`: the first `images` images (by id) of the real train split."""
-    from detector.data.coco import subset_annotations
+    from detector.api import subset_annotations
     from harness.execute.plan import TRAIN_ANN, TRAIN_IMAGES
 
     root = base / "_data" / f"overfit-{images}"
@@ -108,7 +118,7 @@ def _select(ids: Sequence[str], only: Sequence[str]) -> set[str]:
 
 def candidates(spec: RegressionSpec) -> list[tuple[str, str, Any]]:
     """(check id, suite, matrix cell) of every check the spec declares, the overfit check first."""
-    from harness.matrix.spec import load_matrix
+    from harness.matrix.parse import load_matrix
 
     matrix = load_matrix(spec.matrix)
     cells = matrix.cells_for(matrix.profile(spec.profile))
@@ -128,11 +138,11 @@ def needs_data(spec: RegressionSpec, only: Sequence[str] = ()) -> bool:
 def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path, device: str,
                 only: Sequence[str] = (), log: Log = print) -> list[Check]:  # fmt: skip
     """The checks to run, the longest (overfit) first so that the short ones fill the other slots."""
-    from detector.recipes import resolve
-    from harness.matrix.spec import load_matrix
-    from harness.execute.plan import run_config, synthetic_root
+    from detector.api import resolve
     from harness.execute.cells import cell_dir
+    from harness.execute.plan import run_config, synthetic_root
     from harness.execute.runner import CellJob
+    from harness.matrix.parse import load_matrix
 
     matrix = load_matrix(spec.matrix)
     profile = matrix.profile(spec.profile)
@@ -215,9 +225,9 @@ def execute(spec: RegressionSpec, checks: list[Check], *, device: str, log: Log)
     Returns:
         check id -> {"status", "error", "metrics" (flat metric names), "result" (result.json)}.
     """
+    from harness.execute.cells import read_json
     from harness.execute.executors import make_executor
     from harness.execute.provenance import base_provenance
-    from harness.execute.cells import read_json
     from harness.execute.runner import run_jobs
 
     jobs = [c.job for c in checks]
@@ -310,8 +320,8 @@ def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, on
     Refuses (exit 1, file untouched) when a cell fails, when the overfit check misses its floor or
     when the determinism check finds two runs differ: such numbers must not become the reference.
     """
-    from harness.matrix.spec import repo_root
     from harness.execute.provenance import base_provenance, now_iso
+    from harness.matrix.spec import repo_root
 
     say = log or _stderr
     path = Path(baselines or default_path(matrix))

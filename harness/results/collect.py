@@ -17,11 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from detector.config import ConfigError
-from detector.recipes import resolve
+from detector.api import ConfigError, resolve
 from harness.errors import UserError
-from harness.matrix.spec import Cell, MatrixSpec
 from harness.execute.cells import cell_dir, iter_results
+from harness.matrix.spec import Cell, MatrixSpec
 from harness.results.verdicts import Scope, judge, quirk_ids, scope_of
 
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.

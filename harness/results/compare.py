@@ -15,9 +15,17 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results.collect import collect
 from harness.matrix.spec import MatrixSpec
-from harness.results.verdicts import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS, VERDICTS, Scope, interval95, judge, scope_of
+from harness.results.collect import collect
+from harness.results.verdicts import (
+    COMPARABLE_MEM_KIND,
+    PUBLISHED_DEVICE_CLASS,
+    VERDICTS,
+    Scope,
+    interval95,
+    judge,
+    scope_of,
+)
 
 COMPARE_COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "status", "n_seeds", "n_failed",

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results.collect import collect
 from harness.matrix.spec import MatrixSpec
+from harness.results.collect import collect
 
 # COCO train2017 images with at least one annotation: what mmdet trains on (filter_empty_gt=True).
 COCO_TRAIN_IMAGES = 117_266
@@ -29,7 +29,7 @@ SUBSET_TRAIN_IMAGES: dict[str, int | None] = {"coco": COCO_TRAIN_IMAGES}
 
 def recipe_epochs(cell_axes: dict[str, str], name: str) -> int:
     """Real epochs of a cell's full recipe (`max_epochs x repeat_times`: ms-3x is 3 x 12)."""
-    from detector.recipes import resolve
+    from detector.api import resolve
 
     schedule = resolve(dict(cell_axes), name=name).schedule
     return int(schedule.max_epochs * schedule.repeat_times)

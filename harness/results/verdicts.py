@@ -22,8 +22,8 @@ Rules (DESIGN.md "What the numbers mean"; shared/reference/ecosystem_anchors.md 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # only for annotations: verdicts stays importable without the matrix module

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from detector.config import ConfigError, DetectorConfig, RunConfig
+from detector.config import DetectorConfig, RunConfig
+from detector.errors import ConfigError
 
 
 def test_defaults_are_r50_fpn_1x_recipe() -> None:

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from detector.config import ConfigError
+from detector.errors import ConfigError
 from detector.recipes import CAFFE2_NORM, CAFFE_NORM, MS_CHOICE, MS_RANGE, resolve
 
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from detector import run as R
-from detector.config import ConfigError, ProposalConfig, RunConfig
-from detector.recipes import resolve
+from detector.config import ProposalConfig, RunConfig
 from detector.data.synth import make_synthetic_coco
+from detector.errors import ConfigError
+from detector.recipes import resolve
 
 SCHEMA_KEYS = {
     "status", "error", "coco", "box_ap", "mem_gb", "mem_kind", "fps", "fps_images", "fps_precision", "iters",

@@ -146,8 +146,7 @@ def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path
 def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, coco_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import detector.bench.measure
-    import detector.model.weights
+    from detector import api
 
     calls: list[tuple[str, dict[str, object]]] = []
 
@@ -159,8 +158,8 @@ def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
         calls.append((getattr(cfg, "name"), kw))
         return {"bbox_mAP": 0.374, "box_ap": 37.4}
 
-    monkeypatch.setattr(detector.bench.measure, "bench", fake_bench)
-    monkeypatch.setattr(detector.model.weights, "verify", fake_verify)
+    monkeypatch.setattr(api, "bench", fake_bench)
+    monkeypatch.setattr(api, "verify", fake_verify)
     assert main(["bench", "faster_rcnn_r50_fpn_1x_coco", "--images", "3", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"fps": 1.5, "device": "cpu"}
     ckpt = tmp_path / "r50.pth"

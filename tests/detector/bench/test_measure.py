@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from detector.bench import measure
-
-from detector.train import solver
 from detector.config import ProposalConfig
 from detector.recipes import resolve
+from detector.train import solver
 from tests.resources.fakes_engine import TinyDetector, TinySource
 
 CPU = torch.device("cpu")

@@ -22,9 +22,9 @@ from detector.data.coco import (
     iterate_batches,
     subset_annotations,
 )
-from detector.recipes import MS_RANGE
 from detector.data.synth import make_synthetic_coco
 from detector.data.transforms import DetTransform
+from detector.recipes import MS_RANGE
 
 COCO128 = Path("/work/shared/data/coco128")
 needs_coco128 = pytest.mark.skipif(not (COCO128 / "annotations/instances_train2017.json").is_file(), reason="coco128 missing")

@@ -12,9 +12,15 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detector.data.coco_eval import METRIC_KEYS, detections_to_coco, evaluate, evaluate_files
-from detector.data.coco import DataError, load_coco
+from detector.data.coco import load_coco
+from detector.data.coco_eval import (
+    METRIC_KEYS,
+    detections_to_coco,
+    evaluate,
+    evaluate_files,
+)
 from detector.data.synth import make_synthetic_coco
+from detector.errors import DataError
 
 COCO128 = Path("/work/shared/data/coco128/annotations/instances_train2017.json")
 

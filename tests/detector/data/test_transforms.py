@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from detector.config import DataConfig
+from detector.data.transforms import (
+    DetTransform,
+    build_transform,
+    hflip,
+    rescale_size,
+    resize,
+)
 from detector.recipes import MS_CHOICE, MS_RANGE
-from detector.data.transforms import DetTransform, build_transform, hflip, rescale_size, resize
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torchvision
 
+from detector.config import BackboneConfig
+from detector.errors import ConfigError
 from detector.model.backbones import ResLayerHead, ResNet
-from detector.config import BackboneConfig, ConfigError
 from detector.recipes import resolve
 
 

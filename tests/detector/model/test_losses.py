@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from detector.config import ConfigError
+from detector.errors import ConfigError
 from detector.model.losses import BOX_LOSSES, box_loss, check_box_loss
 
 BOXES = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 40.0, 25.0]])

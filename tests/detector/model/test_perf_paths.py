@@ -16,11 +16,15 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from detector.model.backbones import conv_bn, set_fold_bn_
 from detector.config import DetectorConfig, ProposalConfig
+from detector.model.backbones import conv_bn, set_fold_bn_
 from detector.model.faster_rcnn import FasterRCNN, build_detector
-from detector.model.poolers import RoIPooler, ThreadedRoIAlign, _split_by_image, swap_layout
-
+from detector.model.poolers import (
+    RoIPooler,
+    ThreadedRoIAlign,
+    _split_by_image,
+    swap_layout,
+)
 
 # Fewer proposals and sampled RoIs than the recipe keep the test quick; the paths under test (the
 # convolutions) do not depend on those counts.

@@ -5,9 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from detector.config import BackboneConfig, ConfigError, RoIHeadConfig
-from detector.recipes import resolve
+from detector.config import BackboneConfig, RoIHeadConfig
+from detector.errors import ConfigError
 from detector.model.roi_heads import StandardRoIHead
+from detector.recipes import resolve
 
 NUM_CLASSES = 3
 

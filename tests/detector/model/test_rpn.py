@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from detector.config import ConfigError, ProposalConfig, RPNConfig
+from detector.config import ProposalConfig, RPNConfig
+from detector.errors import ConfigError
 from detector.model.rpn import RPNHead, topk_per_image
 
 

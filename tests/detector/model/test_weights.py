@@ -19,8 +19,8 @@ import torch
 import torchvision
 
 from detector import recipes
-from detector.model.backbones import ResNet
 from detector.config import BackboneConfig, DetectorConfig, RunConfig
+from detector.model.backbones import ResNet
 from detector.model.faster_rcnn import build_detector
 from detector.model.weights import (
     PRETRAINED,

@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from detector.train import checkpoint as ckpt
-from detector.train import engine
-from detector.train import solver
 from detector.config import ScheduleConfig
+from detector.train import checkpoint as ckpt
+from detector.train import engine, solver
 from tests.resources.fakes_engine import TinyDetector, TinySource
 
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from detector.train import solver
 from detector.config import ScheduleConfig
+from detector.train import solver
 from tests.resources.fakes_engine import TinyDetector
 
 CPU = torch.device("cpu")

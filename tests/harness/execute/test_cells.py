@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from harness.errors import UserError
 from harness.execute import cells as runs
 from harness.execute import runner
-from harness.errors import UserError
 from harness.execute.executors import LocalExecutor
 
 FAKE_CELL = textwrap.dedent(
@@ -288,7 +288,6 @@ def test_cell_lock_excludes_a_second_holder(tmp_path: Path) -> None:
 def test_real_detector_run_failure_is_recorded_and_others_go_on(tmp_path: Path, fake_cell: Path) -> None:
     """The real `python -m detector.run` on a spec with a bad data root fails; the next cell still runs."""
     from detector.config import DetectorConfig, RunConfig
-
     from harness.execute.executors import cell_argv
 
     bad = runner.CellJob(

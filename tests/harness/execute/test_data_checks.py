@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from detector.data.coco import DataError, subset_annotations
+from detector.data.coco import subset_annotations
 from detector.data.validate import validate_split
+from detector.errors import DataError
 from tests.resources.bad_data import ANN, CASES, make_root
 
 R50 = "faster-rcnn_r50_fpn_1x_coco"
@@ -174,7 +175,8 @@ def test_unsafe_checkpoint_message_never_recommends_weights_only_false(tmp_path:
 
     import torch
 
-    from detector.model.weights import WeightsError, read_checkpoint
+    from detector.errors import WeightsError
+    from detector.model.weights import read_checkpoint
 
     class Evil:
         def __reduce__(self) -> tuple[object, tuple[str]]:

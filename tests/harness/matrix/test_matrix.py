@@ -11,13 +11,13 @@ import pytest
 
 from detector.recipes import AXES, resolve
 from harness.errors import UserError
+from harness.matrix.parse import load_matrix
 from harness.matrix.spec import (
     DERIVED_COLUMNS,
     METRIC_COLUMNS,
     NO_SECTION,
     MatrixSpec,
     expand_matrix,
-    load_matrix,
     matrices_dir,
     repo_root,
 )

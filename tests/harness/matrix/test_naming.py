@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.matrix.spec import load_matrix
-from harness.matrix.naming import canonical, compose, is_safe_name, strip_artifact
+from harness.matrix.naming import canonical as _canonical
+from harness.matrix.naming import compose, is_safe_name, strip_artifact
+from harness.matrix.parse import load_matrix
+
+
+def canonical(name: str, aliases: dict[str, str] | None = None) -> str:
+    """`naming.canonical` against the bundled matrix's alias table unless `aliases` is given."""
+    return _canonical(name, load_matrix("faster_rcnn").aliases if aliases is None else aliases)
 
 # A copy of ../shared/seed/faster_rcnn_README.md (MMDetection v3.3.0), so the tests run without shared/.
 SEED = Path(__file__).resolve().parents[2] / "resources" / "faster_rcnn_README.md"

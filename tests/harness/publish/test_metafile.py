@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.results.compare import compare
+from harness.matrix.parse import load_matrix
+from harness.matrix.spec import MatrixSpec
+from harness.publish.metafile import (
+    measured_metafile,
+    published_metafile,
+    recipe_epochs,
+    write_metafile,
+)
 from harness.results.collect import collect
-from harness.matrix.spec import MatrixSpec, load_matrix
-from harness.publish.metafile import measured_metafile, published_metafile, recipe_epochs, write_metafile
+from harness.results.compare import compare
 from tests.resources.fake_runs import R50, write_run
 
 

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness.matrix.spec import MatrixSpec, load_matrix
+from harness.matrix.parse import load_matrix
+from harness.matrix.spec import MatrixSpec
 from harness.publish.page import (
-    MMDET_CONFIGS,
     DELTA_COLUMN,
+    MMDET_CONFIGS,
     VERDICT_COLUMN,
     markdown_table,
     render_published_page,

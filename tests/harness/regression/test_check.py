@@ -15,12 +15,24 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.regression import check as regression
-from harness.regression.baselines import MARKER, RegressionSpec, compare_metrics, default_path, load_spec, write_baseline
 from harness.errors import UserError
-from harness.regression.check import Check
-from harness.regression.judge import fingerprint, judge, portable_spec_hash, print_judgement
 from harness.execute.runner import CellJob
+from harness.regression import check as regression
+from harness.regression.baselines import (
+    MARKER,
+    RegressionSpec,
+    compare_metrics,
+    default_path,
+    load_spec,
+    write_baseline,
+)
+from harness.regression.check import Check
+from harness.regression.judge import (
+    fingerprint,
+    judge,
+    portable_spec_hash,
+    print_judgement,
+)
 
 TRAIN_ANN = "annotations/instances_train2017.json"
 METRICS = {"coco/bbox_mAP": 0.0, "coco/bbox_mAP_50": 0.0, "box_ap": 0.0, "first_loss": 5.2313, "final_loss": 2.3816,

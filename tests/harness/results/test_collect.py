@@ -9,8 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.results.collect import COLUMNS, RESULTS_CSV_COLUMNS, collect, load_loss_curves, loss_trends, recipe_notes
-from harness.matrix.spec import MatrixSpec, load_matrix
+from harness.matrix.parse import load_matrix
+from harness.matrix.spec import MatrixSpec
+from harness.results.collect import (
+    COLUMNS,
+    RESULTS_CSV_COLUMNS,
+    collect,
+    load_loss_curves,
+    loss_trends,
+    recipe_notes,
+)
 from tests.resources.fake_runs import R50, write_run
 
 DESIGN_CSV_COLUMNS = ("name", "profile", "seed", "status", "box_ap", "mem_gb", "fps", "published_box_ap",
@@ -134,8 +142,8 @@ def test_loss_trends_average_the_first_and_last_quarter() -> None:
 def test_training_throughput_leaves_out_the_first_logged_window(tmp_path: Path) -> None:
     """The first window holds cuDNN autotuning and worker start-up: 10 iterations, 1.4 s then 0.05 s
     each at a total batch of 2 -> 18 images over 0.45 s = 40 images/s (not 20 / 1.85 s)."""
+    from harness.matrix.parse import load_matrix
     from harness.results.collect import collect
-    from harness.matrix.spec import load_matrix
 
     folder = write_run(tmp_path, R50, profile="hardware", device_class="H200")
     rows = [{"iter": i, "loss": 1.0, "time": 1.4 if i == 1 else 0.05} for i in range(1, 11)]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.matrix.parse import load_matrix
+from harness.matrix.spec import MatrixSpec
 from harness.results.compare import (
     COMPARE_COLUMNS,
     compare,
@@ -16,7 +18,6 @@ from harness.results.compare import (
     format_comparison,
     summary_counts,
 )
-from harness.matrix.spec import MatrixSpec, load_matrix
 from harness.results.verdicts import ap_verdict, interval95, quirk_ids, t_critical
 from tests.resources.fake_runs import R50, write_run
 

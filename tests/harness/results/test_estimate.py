@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.results.estimate import COCO_TRAIN_IMAGES, estimate, gpu_hours, recipe_epochs
-from harness.matrix.spec import MatrixSpec, load_matrix
+from harness.matrix.parse import load_matrix
+from harness.matrix.spec import MatrixSpec
+from harness.results.estimate import (
+    COCO_TRAIN_IMAGES,
+    estimate,
+    gpu_hours,
+    recipe_epochs,
+)
 from tests.resources.fake_runs import R50, write_run
 
 
