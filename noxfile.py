@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests`, `nox -s reproduce -- faster_rcnn`, `nox -s regression`, `nox -s bench`,
+"""Sessions: `nox -s tests`, `nox -s lint`, `nox -s reproduce -- faster_rcnn`, `nox -s regression`, `nox -s bench`,
 `nox -s tests-oldest` (the oldest supported torch / torchvision pair).
 
 uv installs the torch / torchvision pair from the registry (it ignores a stray local CPU torch wheel
@@ -65,6 +65,14 @@ def tests(session: nox.Session) -> None:
     """Run the test suite on CPU."""
     _install(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (pyflakes, import order, bugbear, pyupgrade) on the tree and mypy on both packages."""
+    _install(session, "lint")
+    session.run("ruff", "check", "harness", "detector", "tests", "scripts", "noxfile.py")
+    session.run("mypy")
 
 
 @nox.session(python=PYTHON, name="tests-oldest")

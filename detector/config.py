@@ -284,7 +284,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, path)
     if origin is Literal:
         allowed = get_args(tp)

@@ -28,20 +28,24 @@ Axes (all strings, as written in `matrices/*.yaml`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
+from typing import Literal, cast
 
 from detector.config import (
     BackboneConfig,
+    BoxLoss,
     ConfigError,
     DataConfig,
     DetectorConfig,
     NeckConfig,
     NormalizeConfig,
+    Precision,
     ProposalConfig,
     RoIHeadConfig,
     RPNConfig,
     ScheduleConfig,
+    Style,
 )
 
 AXES: dict[str, tuple[str, ...]] = {
@@ -66,7 +70,7 @@ CAFFE_NORM = NormalizeConfig(mean=(103.530, 116.280, 123.675), std=(1.0, 1.0, 1.
 CAFFE2_NORM = NormalizeConfig(mean=(103.530, 116.280, 123.675), std=(57.375, 57.120, 58.395), to_bgr=True)
 
 # (depth, groups, base_width) per backbone name (reference 1.5).
-_BACKBONES: dict[str, tuple[int, int, int]] = {
+_BACKBONES: dict[str, tuple[Literal[50, 101], int, int]] = {
     "r50": (50, 1, 64),
     "r101": (101, 1, 64),
     "x101-32x4d": (101, 32, 4),
@@ -103,7 +107,7 @@ def resolve(axes: dict[str, str], *, name: str | None = None) -> DetectorConfig:
 
 def _backbone(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
     depth, groups, width = _BACKBONES[a["backbone"]]
-    backbone = replace(cfg.backbone, depth=depth, groups=groups, base_width=width, style=a["style"])
+    backbone = replace(cfg.backbone, depth=depth, groups=groups, base_width=width, style=cast(Style, a["style"]))
     normalize = PYTORCH_NORM
     pretrained = {
         "r50": "torchvision://resnet50",
@@ -156,7 +160,7 @@ def _neck_and_heads(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
 
 
 def _loss(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
-    loss = a["loss"].replace("-", "_")
+    loss = cast(BoxLoss, a["loss"].replace("-", "_"))
     if loss in ("l1", "smooth_l1"):
         roi = replace(cfg.roi_head, loss_bbox=loss)
     else:
@@ -227,7 +231,7 @@ def _classes(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
 
 
 def _precision(cfg: DetectorConfig, a: dict[str, str]) -> DetectorConfig:
-    precision = {"fp32": "fp32", "amp": "amp_fp16", "bf16": "bf16"}[a["precision"]]
+    precision: Precision = {"fp32": "fp32", "amp": "amp_fp16", "bf16": "bf16"}[a["precision"]]  # type: ignore[assignment]
     return replace(cfg, precision=precision)
 
 

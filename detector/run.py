@@ -17,10 +17,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist

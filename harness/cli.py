@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from detector.api import USER_ERRORS
 from harness.errors import UserError
+from harness.metrics import METRICS
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 DEFAULT_MATRIX = "faster_rcnn"
@@ -197,7 +198,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "name": c.name,
             "section": c.section,
             "axes": dict(c.axes),
-            "published": {"box_ap": c.published.box_ap, "mem_gb": c.published.mem_gb, "fps": c.published.fps},
+            "published": {m.column: getattr(c.published, m.column) for m in METRICS},
             "aliases": list(c.aliases),
         }
         for c in cells
@@ -205,10 +206,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(records, indent=2))
         return OK
-    rows = [("cell", "section", "box AP", "Mem (GB)", "fps", "alias")]
+    rows = [("cell", "section", *(m.label for m in METRICS), "alias")]
     for c in cells:
-        pub = c.published
-        rows.append((c.name, c.section, _num(pub.box_ap), _num(pub.mem_gb), _num(pub.fps), (c.aliases or ("",))[0]))
+        numbers = (_num(getattr(c.published, m.column)) for m in METRICS)
+        rows.append((c.name, c.section, *numbers, (c.aliases or ("",))[0]))
     print(_table(rows))
     print(f"\n{len(records)} cells in {matrix.name}" + (f", profile {args.profile}" if args.profile else ""))
     return OK

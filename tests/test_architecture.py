@@ -56,7 +56,7 @@ def test_the_detector_never_imports_the_harness() -> None:
 @pytest.mark.parametrize("package", ["harness", "detector"])
 def test_no_import_cycle(package: str) -> None:
     graph = _graph(package)
-    graph = {m: {t for t in targets if not graph.get(t) is None and not m.startswith(t + ".")} for m, targets in graph.items()}
+    graph = {m: {t for t in targets if graph.get(t) is not None and not m.startswith(t + ".")} for m, targets in graph.items()}
     state: dict[str, int] = {}
     cycles: list[str] = []
 

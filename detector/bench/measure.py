@@ -17,7 +17,8 @@ import contextlib
 import re
 import resource
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -140,7 +140,7 @@ def _write_split(out: Path, split: str, *, count: int, id_step: int, seed: int, 
                                   float(x1), float(y2)]],
             })
     dataset = {
-        "info": {"description": "detector.data.synth synthetic COCO-style set", "version": "1.0", "year": 2017,
+        "info": {"description": "detector.synth synthetic COCO-style set", "version": "1.0", "year": 2017,
                  "seed": seed},
         "licenses": [{"id": 0, "name": "generated", "url": ""}],
         "images": image_infos,

@@ -168,8 +168,8 @@ def set_fold_bn_(module: nn.Module, enabled: bool) -> None:
     """Fold frozen-statistics BN into the preceding conv (`conv_bn`) everywhere in `module`, or not:
     the unfolded path is kept to check that the folded one computes the same thing."""
     for m in module.modules():
-        if hasattr(m, "fold_bn"):
-            setattr(m, "fold_bn", enabled)
+        if isinstance(m, Bottleneck):
+            m.fold_bn = enabled
 
 
 def set_norm_eval_(module: nn.Module) -> None:

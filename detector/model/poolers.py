@@ -84,7 +84,7 @@ class ThreadedRoIAlign(torch.autograd.Function):
         feat = swap_layout(feat, to_channels_last=False)  # the kernel reads NCHW
         jobs = _split_by_image(rois, feat.shape[0], workers)
         local = []
-        for i, part in jobs:
+        for _i, part in jobs:
             r = rois[part].clone()
             r[:, 0] = 0
             local.append(r)
@@ -119,8 +119,9 @@ class ThreadedRoIAlign(torch.autograd.Function):
 
         pieces = list(_thread_pool(workers).map(run, range(len(ctx.jobs))))
         per_image: list[Tensor | None] = [None] * n
-        for (i, _), g in zip(ctx.jobs, pieces):
-            per_image[i] = g if per_image[i] is None else per_image[i].add_(g)
+        for (i, _), piece in zip(ctx.jobs, pieces):
+            prev = per_image[i]
+            per_image[i] = piece if prev is None else prev.add_(piece)
         # Hand the gradient back in the features' own layout: autograd adds it to the RPN's
         # channels-last gradient of the same level, which is slow across layouts.
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format

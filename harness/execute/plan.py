@@ -98,7 +98,10 @@ def synthetic_root(runs_dir: Path, *, images: int, seed: int, size: tuple[int, i
             return root
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
         try:
-            make_synthetic_coco(tmp, images=images, seed=seed, **({"size": size} if size else {}))
+            if size:
+                make_synthetic_coco(tmp, images=images, seed=seed, size=size)
+            else:
+                make_synthetic_coco(tmp, images=images, seed=seed)
             shutil.rmtree(root, ignore_errors=True)  # a leftover without annotations
             os.replace(tmp, root)
         finally:

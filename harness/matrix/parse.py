@@ -36,12 +36,13 @@ from harness.matrix.spec import (
     expand_matrix,
     matrices_dir,
 )
+from harness.metrics import METRICS
 
 _TOP_KEYS = ("title", "paper", "source", "defaults", "axes", "include", "exclude", "cells", "tables", "profiles", "tolerances")
 _CELL_KEYS = ("aliases", "published", "download", "log", "notes")
 _TABLE_KEYS = ("id", "heading", "intro", "columns", "rows")
 _ROW_KEYS = ("cell", "labels", "printed", "links")
-_PUBLISHED_KEYS = ("box_ap", "mem_gb", "fps")
+_PUBLISHED_KEYS = tuple(m.column for m in METRICS)
 _PROFILE_FIELDS = ("data", "compare", "max_iters", "image_scale", "images_per_gpu", "workers", "eval_max_images",
                    "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "log_interval", "synth_size",
                    "bench_detections", "cells")

@@ -27,10 +27,11 @@ from typing import Any
 from detector.api import DetectorConfig, resolve
 from harness.errors import UserError
 from harness.matrix import naming
+from harness.metrics import METRICS, Tolerances
 
 DEFAULT_MATRIX = "faster_rcnn"
-# Seed column header -> Published field. "Config" and "Download" are derived from the cell.
-METRIC_COLUMNS: dict[str, str] = {"Mem (GB)": "mem_gb", "Inf time (fps)": "fps", "box AP": "box_ap"}
+# Seed column header -> Published field (`harness.metrics`). "Config" and "Download" are derived from the cell.
+METRIC_COLUMNS: dict[str, str] = {m.title: m.column for m in METRICS}
 DERIVED_COLUMNS = ("Config", "Download")
 NOT_PUBLISHED = ("-", "")  # how the seed prints a missing number
 COMPARE_MODES = ("none", "baselines", "hardware", "published")
@@ -39,7 +40,8 @@ NO_SECTION = "cells"  # section of a cell that appears in no table
 
 @dataclass(frozen=True, kw_only=True)
 class Published:
-    """Numbers of the seed; None where the table shows "-" or an empty cell."""
+    """Numbers of the seed; None where the table shows "-" or an empty cell. One field per
+    `harness.metrics.METRICS` entry, named by its `column` (a test holds the two together)."""
 
     box_ap: float | None = None
     mem_gb: float | None = None
@@ -116,13 +118,6 @@ class Profile:
         if self.data == "none":
             raise UserError(f"profile {self.name} needs --data ROOT (a COCO-2017-style root)")
         return self.data
-
-
-@dataclass(frozen=True, kw_only=True)
-class Tolerances:
-    box_ap_pass: float = 0.2
-    box_ap_warn: float = 0.3
-    mem_rel: float = 0.10
 
 
 @dataclass(frozen=True, kw_only=True)

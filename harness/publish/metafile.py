@@ -19,8 +19,9 @@ import yaml
 
 from detector.api import ConfigError, resolve
 from harness.matrix.spec import Cell, MatrixSpec
+from harness.metrics import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS
 
-PUBLISHED_HARDWARE = "V100"
+PUBLISHED_HARDWARE = PUBLISHED_DEVICE_CLASS
 # MMDetection writes resolution as (h, w) of the test scale (reference 1.5 "Metafile" column).
 RECIPE_RESOLUTION = "(800, 1333)"
 
@@ -67,7 +68,7 @@ def measured_metafile(matrix: MatrixSpec, compared: pd.DataFrame, runs: pd.DataF
         meta: dict[str, Any] = {}
         if _finite(row.mem_gb):
             meta["Training Memory (GB)"] = round(float(row.mem_gb), 1)
-            if row.mem_kind != "cuda_max_allocated":
+            if row.mem_kind != COMPARABLE_MEM_KIND:
                 meta["Training Memory kind"] = str(row.mem_kind)  # e.g. CPU peak RSS: not the published kind
         if _finite(row.fps) and row.fps > 0:
             meta["inference time (ms/im)"] = [_inference(

@@ -36,6 +36,7 @@ from harness.matrix.spec import (
     Table,
     repo_root,
 )
+from harness.metrics import BY_KEY, BY_TITLE, FPS_REL, METRICS, PUBLISHED_DEVICE_CLASS
 from harness.publish.metafile import (
     measured_metafile,
     published_metafile,
@@ -50,21 +51,14 @@ from harness.results.collect import (
     results_csv_frame,
 )
 from harness.results.compare import compare_frame, summary_counts
-from harness.results.verdicts import (
-    COMPARABLE_MEM_KIND,
-    FPS_REL,
-    METRICS,
-    PUBLISHED_DEVICE_CLASS,
-    quirk_ids,
-    scope_of,
-)
+from harness.results.verdicts import quirk_ids, scope_of
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Where the measured page points config links (the seed's `./x.py` links are relative to this folder).
 MMDET_CONFIGS = "https://github.com/open-mmlab/mmdetection/blob/v3.3.0/configs/faster_rcnn/"
 DELTA_COLUMN, VERDICT_COLUMN = "Δ box AP", "Verdict"
 SYMBOLS = {"pass": "✓ pass", "warn": "⚠ warn", "fail": "✗ fail", "not comparable": "not comparable", "not run": "not run"}
-FPS_MARK, MEM_MARK = "†", "‡"
+FPS_MARK, MEM_MARK = BY_KEY["fps"].mark, BY_KEY["mem"].mark
 DEVIATIONS_ANCHOR = "#recipe-deviations"
 # What each quirk id means (shared/reference/mmdet_faster_rcnn_recipes.md section 5 and 1.7).
 QUIRKS: dict[str, str] = {
@@ -139,7 +133,7 @@ def banner(prof: Profile) -> str:
         return (f"**Not a reproduction result.** {scope.reason}: these numbers show that every cell builds, "
                 "trains, evaluates and is benchmarked, and are not comparable with the published table; "
                 f"{DELTA_COLUMN} is left blank.")
-    shown = " and ".join({"box_ap": "box AP", "mem": "Mem", "fps": "fps"}[m] for m in METRICS if m in scope.metrics)
+    shown = " and ".join(m.short for m in METRICS if m.key in scope.metrics)
     return f"**Only {shown} are compared here.** {scope.reason}; {DELTA_COLUMN} is left blank."
 
 
@@ -233,7 +227,7 @@ def dataset_facts(runs: pd.DataFrame) -> list[dict[str, Any]]:
     for root in sorted({str(r) for r in ran["data_root"].dropna()}):
         description = _coco_description(Path(root) / "annotations" / "instances_train2017.json")
         splits = sorted({str(s) for s in ran.loc[ran["data_root"] == root, "eval_split"].dropna()})
-        facts.append({"root": root, "description": description, "synthetic": "detector.data.synth" in description,
+        facts.append({"root": root, "description": description, "synthetic": "synthetic COCO-style set" in description,
                       "eval_splits": splits})
     return facts
 
@@ -274,17 +268,13 @@ def _published_cells(table: Table, row: Row, matrix: MatrixSpec) -> list[str]:
 def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, Any], links: dict[str, str]) -> list[str]:
     out = []
     for col in _measured_columns(table):
-        if col == "Mem (GB)":
-            mark = MEM_MARK if _finite(cmp["mem_gb"]) and cmp["mem_kind"] != COMPARABLE_MEM_KIND else ""
-            out.append(f"{_fmt(cmp['mem_gb'])}{mark} / {_fmt(row.published.mem_gb)}")
-        elif col == "Inf time (fps)":
-            mark = FPS_MARK if _finite(cmp["fps"]) and cmp["device_class"] != PUBLISHED_DEVICE_CLASS else ""
-            out.append(f"{_fmt(cmp['fps'])}{mark} / {_fmt(row.published.fps)}")
-        elif col == "box AP":
-            ap = _fmt(cmp["box_ap"])
-            if cmp["n_seeds"] > 1 and _finite(cmp["box_ap_std"]):
-                ap += f" ± {cmp['box_ap_std']:.1f}"
-            out.append(f"{ap} / {_fmt(row.published.box_ap)}")
+        metric = BY_TITLE.get(col)
+        if metric is not None:  # "measured / published", the measured one marked where not comparable
+            value = cmp[metric.column]
+            text = _fmt(value) + metric.mark_for(value, cmp[metric.context] if metric.context else None)
+            if metric.seeds == "interval" and cmp["n_seeds"] > 1 and _finite(cmp[f"{metric.column}_std"]):
+                text += f" ± {cmp[f'{metric.column}_std']:.1f}"
+            out.append(f"{text} / {_fmt(getattr(row.published, metric.column))}")
         elif col == DELTA_COLUMN:
             out.append(_delta_text(cmp, row.published.box_ap))
         elif col == VERDICT_COLUMN:

@@ -21,6 +21,7 @@ from detector.api import ConfigError, resolve
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, iter_results
 from harness.matrix.spec import Cell, MatrixSpec
+from harness.metrics import METRICS, Measured
 from harness.results.verdicts import Scope, judge, quirk_ids, scope_of
 
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
@@ -83,7 +84,7 @@ def collect(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
             frame[col] = None
     frame = frame[[*COLUMNS, *axes]]
     frame["seed"] = frame["seed"].astype("Int64")
-    for col in ("box_ap", "mem_gb", "fps", "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap"):
+    for col in (*(m.column for m in METRICS), *(m.published_column for m in METRICS), "delta_box_ap"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
     return frame
 
@@ -158,17 +159,14 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
     spec_run = _read_json(run_dir / "spec.json").get("run") or {}
     notes = tuple(result.get("notes") or ()) or recipe_notes(cell)
     status = str(result.get("status", "failed"))
-    box_ap = _float(metrics.get("box_ap")) if status == "ok" else None
     row: dict[str, Any] = {
         **_cell_fields(cell, profile),
         "seed": int(result.get("seed", 0)),
         "status": status,
         "error": result.get("error"),
         "reason": result.get("reason"),
-        "box_ap": box_ap,
-        "mem_gb": _float(metrics.get("mem_gb")) if status == "ok" else None,
+        **{m.column: _float(metrics.get(m.field)) if status == "ok" else None for m in METRICS},
         "mem_kind": metrics.get("mem_kind"),
-        "fps": _float(metrics.get("fps")) if status == "ok" else None,
         "fps_precision": metrics.get("fps_precision"),
         "device": metrics.get("device") or prov.get("device"),
         "device_class": metrics.get("device_class") or prov.get("device_class"),
@@ -205,8 +203,8 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "run_dir": str(run_dir),
     }
     # A delta only where AP is compared: -35.6 beside a 12-iteration smoke run reads like a result.
-    if box_ap is not None and cell.published.box_ap is not None and "box_ap" in scope.metrics:
-        row["delta_box_ap"] = round(box_ap - cell.published.box_ap, 3)
+    if row["box_ap"] is not None and cell.published.box_ap is not None and "box_ap" in scope.metrics:
+        row["delta_box_ap"] = round(row["box_ap"] - cell.published.box_ap, 3)
     row["verdict"], row["verdict_reason"] = _run_verdict(row, cell, status, scope, matrix)
     return row
 
@@ -218,12 +216,12 @@ def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, mat
     if status != "ok":
         # A crash or a non-finite loss is a failure whatever the profile: the cell does not work.
         return "fail", f"run failed: {_last_line(row['error'])}"
-    ap = row["box_ap"]
-    verdict, _, reasons = judge(
-        scope=scope, ap_low=ap, ap_high=ap, mem_gb=row["mem_gb"], mem_kind=row["mem_kind"], fps=row["fps"],
-        device_class=row["device_class"], eval_split=row["eval_split"], published=cell.published,
-        tolerances=matrix.tolerances,
-    )  # fmt: skip
+    measured = {
+        m.key: Measured(mean=row[m.column], low=row[m.column], high=row[m.column], context=row[m.context] if m.context else None)
+        for m in METRICS if row[m.column] is not None
+    }  # fmt: skip
+    verdict, _, reasons = judge(scope=scope, measured=measured, eval_split=row["eval_split"], published=cell.published,
+                                tolerances=matrix.tolerances)  # fmt: skip
     return verdict, "; ".join(reasons)
 
 
@@ -238,20 +236,19 @@ def _throughput(log: Path, metrics: dict[str, Any], status: str) -> dict[str, fl
     if status != "ok":
         return {"train_images_per_s": None, "s_per_iter": None}
     rows = sorted((e for e in _jsonl(log) if _number(e.get("iter")) and _number(e.get("time"))), key=lambda e: e["iter"])
-    batch = metrics.get("total_batch")
-    if len(rows) >= 2 and _number(batch):
+    batch = _float(metrics.get("total_batch"))
+    if len(rows) >= 2 and batch is not None:
         iters = sum(b["iter"] - a["iter"] for a, b in zip(rows, rows[1:]))
         seconds = sum((b["iter"] - a["iter"]) * float(b["time"]) for a, b in zip(rows, rows[1:]))
         if iters > 0 and seconds > 0:
-            return {"train_images_per_s": round(iters * float(batch) / seconds, 2), "s_per_iter": round(seconds / iters, 4)}
+            return {"train_images_per_s": round(iters * batch / seconds, 2), "s_per_iter": round(seconds / iters, 4)}
     return {"train_images_per_s": _float(metrics.get("train_images_per_s")), "s_per_iter": _float(metrics.get("s_per_iter"))}
 
 
 def _cell_fields(cell: Cell, profile: str) -> dict[str, Any]:
     return {
         "name": cell.name, "section": cell.section, "profile": profile,
-        "published_box_ap": cell.published.box_ap, "published_mem_gb": cell.published.mem_gb,
-        "published_fps": cell.published.fps, **dict(cell.axes),
+        **{m.published_column: getattr(cell.published, m.column) for m in METRICS}, **dict(cell.axes),
     }
 
 

@@ -16,16 +16,9 @@ from typing import Any
 import pandas as pd
 
 from harness.matrix.spec import MatrixSpec
+from harness.metrics import BY_KEY, COMPARABLE_MEM_KIND, METRICS, PUBLISHED_DEVICE_CLASS, Measured
 from harness.results.collect import collect
-from harness.results.verdicts import (
-    COMPARABLE_MEM_KIND,
-    PUBLISHED_DEVICE_CLASS,
-    VERDICTS,
-    Scope,
-    interval95,
-    judge,
-    scope_of,
-)
+from harness.results.verdicts import VERDICTS, Scope, interval95, judge, precedence, scope_of
 
 COMPARE_COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "status", "n_seeds", "n_failed",
@@ -68,26 +61,27 @@ def summary_counts(df: pd.DataFrame) -> dict[str, int]:
 
 def format_comparison(df: pd.DataFrame) -> str:
     """A fixed-width terminal table of `compare()` plus a one-line summary."""
-    header = ("cell", "seeds", "box AP", "published", "delta", "Mem (GB)", "fps", "verdict", "reason")
+    others = [m for m in METRICS if m.key != "box_ap"]  # AP gets three columns of its own, first
+    header = ("cell", "seeds", "box AP", "published", "delta", *(m.label for m in others), "verdict", "reason")
     lines: list[tuple[str, ...]] = [header]
-    for r in df.itertuples(index=False):
+    for rec in df.to_dict(orient="records"):
         lines.append((
-            r.name + (f" [{r.quirks}]" if r.quirks else ""),
-            str(r.n_seeds),
-            _ap_text(r.box_ap, r.box_ap_std, r.n_seeds),
-            _num(r.published_box_ap),
-            _signed(r.delta_box_ap),
-            f"{_num(r.mem_gb)}{'‡' if _finite(r.mem_gb) and r.mem_kind != COMPARABLE_MEM_KIND else ''}/{_num(r.published_mem_gb)}",
-            f"{_num(r.fps)}{'†' if _finite(r.fps) and r.device_class != PUBLISHED_DEVICE_CLASS else ''}/{_num(r.published_fps)}",
-            r.verdict,
-            _clip(r.reason, 70),
+            rec["name"] + (f" [{rec['quirks']}]" if rec["quirks"] else ""),
+            str(rec["n_seeds"]),
+            _ap_text(rec["box_ap"], rec["box_ap_std"], rec["n_seeds"]),
+            _num(rec["published_box_ap"]),
+            _signed(rec["delta_box_ap"]),
+            *(f"{_num(rec[m.column])}{m.mark_for(rec[m.column], rec[m.context] if m.context else None)}/"
+              f"{_num(rec[m.published_column])}" for m in others),
+            rec["verdict"],
+            _clip(rec["reason"], 70),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     counts = summary_counts(df)
     text.append("")
-    text.append(f"measured/published; ‡ CPU peak RSS and † fps off {PUBLISHED_DEVICE_CLASS}: not comparable")
+    text.append(f"measured/published; {BY_KEY['mem'].mark} CPU peak RSS and {BY_KEY['fps'].mark} fps off {PUBLISHED_DEVICE_CLASS}: not comparable")
     text.append(f"{len(df)} cells: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return "\n".join(text)
 
@@ -108,50 +102,52 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix:
     out: dict[str, Any] = {
         "name": cell.name, "section": cell.section, "profile": profile,
         "n_seeds": len(ok), "n_failed": len(failed),
-        "published_box_ap": pub.box_ap, "published_mem_gb": pub.mem_gb, "published_fps": pub.fps,
-        "notes": tuple(notes), "quirks": rows["quirks"].iloc[0] if len(rows) else "",
-        "ap_verdict": "not run", "mem_verdict": "not run", "fps_verdict": "not run", "fps_comparable": False,
+        **{m.published_column: getattr(pub, m.column) for m in METRICS},
+        **{m.verdict_column: "not run" for m in METRICS},
+        "notes": tuple(notes), "quirks": rows["quirks"].iloc[0] if len(rows) else "", "fps_comparable": False,
     }
+    # A column that must be one value over the seeds (the kind of memory, the device class).
+    for column in (m.context for m in METRICS if m.context):
+        seen = set(ok[column].dropna())
+        out[column] = seen.pop() if len(seen) == 1 else ("mixed" if seen else None)
+    measured: dict[str, Measured] = {}
+    for m in METRICS:
+        values = [float(x) for x in ok[m.column] if _finite(x)]
+        if not values:
+            continue
+        context = out[m.context] if m.context else None
+        if m.seeds == "interval":
+            mean, std, low, high = interval95(values)
+            out.update({m.column: round(mean, 3), f"{m.column}_std": std, "ci95_low": low, "ci95_high": high})
+            measured[m.key] = Measured(mean=mean, low=low, high=high, context=context)
+        else:
+            out[m.column] = sum(values) / len(values)
+            measured[m.key] = Measured(mean=out[m.column], context=context)
     out["status"] = "failed" if len(failed) else ("ok" if len(ok) else "not run")
-    aps = [float(x) for x in ok["box_ap"] if _finite(x)]
-    low = high = None
-    if aps:
-        mean, std, low, high = interval95(aps)
-        out.update(box_ap=round(mean, 3), box_ap_std=std, ci95_low=low, ci95_high=high)
-        if pub.box_ap is not None and "box_ap" in scope.metrics:
-            out["delta_box_ap"] = round(mean - pub.box_ap, 3)
-    mems = [float(x) for x in ok["mem_gb"] if _finite(x)]
-    kinds = set(ok["mem_kind"].dropna())
-    out["mem_kind"] = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
-    if mems:
-        out["mem_gb"] = sum(mems) / len(mems)
-        if pub.mem_gb is not None and out["mem_kind"] == COMPARABLE_MEM_KIND:
-            out["delta_mem"] = out["mem_gb"] - pub.mem_gb
-            out["delta_mem_rel"] = out["delta_mem"] / pub.mem_gb
-    fpss = [float(x) for x in ok["fps"] if _finite(x)]
-    classes = set(ok["device_class"].dropna())
-    out["device_class"] = classes.pop() if len(classes) == 1 else ("mixed" if classes else None)
-    if fpss:
-        out["fps"] = sum(fpss) / len(fpss)
-    out["fps_comparable"] = bool(fpss) and pub.fps is not None and out["device_class"] == PUBLISHED_DEVICE_CLASS
+    if "box_ap" in measured and pub.box_ap is not None and "box_ap" in scope.metrics:
+        out["delta_box_ap"] = round(measured["box_ap"].mean - pub.box_ap, 3)  # type: ignore[operator]
+    if "mem" in measured and pub.mem_gb is not None and out["mem_kind"] == COMPARABLE_MEM_KIND:
+        out["delta_mem"] = out["mem_gb"] - pub.mem_gb
+        out["delta_mem_rel"] = out["delta_mem"] / pub.mem_gb
+    out["fps_comparable"] = "fps" in measured and pub.fps is not None and out["device_class"] == PUBLISHED_DEVICE_CLASS
     splits = set(ok["eval_split"].dropna())
     out["eval_split"] = ", ".join(sorted(splits)) or None
 
-    if len(failed):  # precedence: a crash fails the cell whatever the profile, then nothing finished
+    first = precedence(n_ok=len(ok), n_failed=len(failed))
+    if first == "fail":
         why = failed["verdict_reason"].iloc[-1]
         out.update(verdict="fail", reason=f"{len(failed)} of {len(failed) + len(ok)} seed(s) failed; {why}")
-    elif not len(ok):
+    elif first == "not run":
         out.update(verdict="not run", reason=rows["verdict_reason"].iloc[0] if len(rows) else "no result.json yet")
-    if len(ok):
-        verdict, per_metric, reasons = judge(
-            scope=scope, ap_low=low, ap_high=high, mem_gb=out.get("mem_gb"), mem_kind=out["mem_kind"],
-            fps=out.get("fps"), device_class=out["device_class"], eval_split=out["eval_split"], published=pub,
-            tolerances=matrix.tolerances,
-        )  # fmt: skip
-        out.update(ap_verdict=per_metric["box_ap"], mem_verdict=per_metric["mem"], fps_verdict=per_metric["fps"])
-        if not len(failed):
-            if len(aps) > 1 and per_metric["box_ap"] != "not comparable":
-                reasons.insert(0, f"AP 95% interval [{low:.2f}, {high:.2f}] over {len(aps)} seeds")
+    if len(ok):  # per-metric verdicts of the finished seeds, also beside a failed one
+        verdict, per_metric, reasons = judge(scope=scope, measured=measured, eval_split=out["eval_split"], published=pub,
+                                             tolerances=matrix.tolerances)  # fmt: skip
+        out.update({m.verdict_column: per_metric[m.key] for m in METRICS})
+        if first is None:
+            ap = measured.get("box_ap")
+            n_aps = sum(1 for x in ok["box_ap"] if _finite(x))
+            if ap is not None and n_aps > 1 and per_metric["box_ap"] != "not comparable":
+                reasons.insert(0, f"AP 95% interval [{ap.low:.2f}, {ap.high:.2f}] over {n_aps} seeds")
             out.update(verdict=verdict, reason="; ".join(reasons))
     return out
 

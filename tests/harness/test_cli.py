@@ -151,11 +151,11 @@ def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
     calls: list[tuple[str, dict[str, object]]] = []
 
     def fake_bench(cfg: object, **kw: object) -> dict[str, object]:
-        calls.append((getattr(cfg, "name"), kw))
+        calls.append((cfg.name, kw))
         return {"fps": 1.5, "device": "cpu"}
 
     def fake_verify(cfg: object, **kw: object) -> dict[str, object]:
-        calls.append((getattr(cfg, "name"), kw))
+        calls.append((cfg.name, kw))
         return {"bbox_mAP": 0.374, "box_ap": 37.4}
 
     monkeypatch.setattr(api, "bench", fake_bench)

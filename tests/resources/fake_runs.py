@@ -83,5 +83,5 @@ def write_synthetic_root(root: Path) -> Path:
     """A data root whose train annotation starts like detector.data.synth's (only the head is read)."""
     ann = Path(root) / "annotations" / "instances_train2017.json"
     ann.parent.mkdir(parents=True, exist_ok=True)
-    ann.write_text(json.dumps({"info": {"description": "detector.data.synth synthetic COCO-style set"}, "images": []}))
+    ann.write_text(json.dumps({"info": {"description": "detector.synth synthetic COCO-style set"}, "images": []}))
     return Path(root)

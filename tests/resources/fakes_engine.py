@@ -9,7 +9,8 @@ must, so any position of any epoch can be regenerated.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn

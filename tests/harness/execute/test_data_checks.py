@@ -161,7 +161,7 @@ def test_read_only_or_full_runs_folder_is_one_line(monkeypatch: pytest.MonkeyPat
     from harness.cli import main
 
     for code, words in ((errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device")):
-        def boom(*_a: object, **_k: object) -> None:
+        def boom(*_a: object, code: int = code, words: str = words, **_k: object) -> None:
             raise OSError(code, words, "/data/runs/faster_rcnn/smoke/x/spec.json")
 
         monkeypatch.setattr(harness.execute.plan, "execute_run", boom)

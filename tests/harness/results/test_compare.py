@@ -10,6 +10,7 @@ import pytest
 
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
+from harness.metrics import ap_verdict
 from harness.results.compare import (
     COMPARE_COLUMNS,
     compare,
@@ -18,7 +19,7 @@ from harness.results.compare import (
     format_comparison,
     summary_counts,
 )
-from harness.results.verdicts import ap_verdict, interval95, quirk_ids, t_critical
+from harness.results.verdicts import interval95, quirk_ids, t_critical
 from tests.resources.fake_runs import R50, write_run
 
 R101 = "faster-rcnn_r101_fpn_1x_coco"  # published: Mem 6.0, fps 15.6, box AP 39.4
