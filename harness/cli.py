@@ -216,11 +216,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _resolved(matrix_name: str, cell_name: str) -> tuple[Any, Any]:
-    from detector.api import resolve
     from harness.matrix.parse import load_matrix
 
     cell = load_matrix(matrix_name).cell(cell_name)
-    return cell, resolve(cell.axes, name=cell.name)
+    return cell, cell.config
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -262,14 +261,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from harness.execute.plan import execute_run, runs_dir_of
     from harness.publish.page import write_report
-    from harness.results.collect import collect, load_loss_curves, loss_trends
-    from harness.results.compare import compare, comparison_exit_code, summary_counts
+    from harness.results.compare import comparison_exit_code, summary_counts
+    from harness.results.tables import gather
 
     summary, matrix = execute_run(args, log=_log)
     runs_dir = runs_dir_of(args)
-    page = write_report(matrix, args.profile, runs_dir, _out_dir(args))
-    df = compare(matrix, args.profile, runs_dir)
-    trends = loss_trends(load_loss_curves(collect(matrix, args.profile, runs_dir)))
+    results = gather(matrix, args.profile, runs_dir)  # read once: the page and this summary share it
+    page = write_report(results, _out_dir(args))
+    df, trends = results.compared, results.trends
     counts = ", ".join(f"{n} {s}" for s in ("ok", "failed", "skipped") if (n := summary.count(s)) or s != "skipped")
     verdicts = ", ".join(f"{n} {v}" for v, n in summary_counts(df).items() if n)
     before = f" ({len(summary.cached)} finished before)" if summary.cached else ""
@@ -316,10 +315,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.execute.plan import runs_dir_of
     from harness.matrix.parse import load_matrix
     from harness.publish.page import write_report
+    from harness.results.tables import gather
 
     matrix = load_matrix(args.matrix)
     matrix.profile(args.profile)
-    print(write_report(matrix, args.profile, runs_dir_of(args), _out_dir(args)))
+    print(write_report(gather(matrix, args.profile, runs_dir_of(args)), _out_dir(args)))
     return OK
 
 

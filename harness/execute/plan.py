@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.api import (
-    ConfigError,
     DatasetReport,
     DetectorConfig,
     RunConfig,
     WeightsError,
     cannot_build,
     check_classes,
-    resolve,
     validate_split,
 )
 from harness.errors import UserError
@@ -247,14 +245,6 @@ class DataCheck:
         return tuple(notes)
 
 
-def _resolvable(cell: Cell) -> DetectorConfig | None:
-
-    try:
-        return resolve(dict(cell.axes), name=cell.name)
-    except ConfigError:
-        return None  # plan_run records it as skipped
-
-
 def check_data(data_root: Path, *, log: Callable[[str], None]) -> DataCheck:
     """Validate the train split (and val2017 when present) once, before any cell starts."""
     t0 = time.monotonic()
@@ -295,39 +285,34 @@ def plan_run(
     """
 
     check_name("matrix", matrix.name)
-    resolved: list[tuple[Cell, DetectorConfig | None, str | None]] = []
+    resolved: list[tuple[Cell, DetectorConfig, str | None]] = []
     for cell in cells:
-        try:
-            cfg, problem = resolve(dict(cell.axes), name=cell.name), None
-        except ConfigError as exc:
-            cfg, problem = None, f"the recipe cannot resolve this cell: {exc}"
-        if cfg is not None and data is not None:
+        cfg = cell.config
+        if data is not None:
             cfg = data.fit(cell.name, cfg, from_dataset=classes == "dataset" or cell.axes.get("classes") == "dataset")
-        if cfg is not None:
-            problem = cannot_build(cfg)
-        resolved.append((cell, cfg, problem))
-    used = {name for _c, cfg, _p in resolved if cfg is not None for name in (cfg.pretrained, cfg.load_from) if name}
+        resolved.append((cell, cfg, cannot_build(cfg)))
+    used = {name for _c, cfg, _p in resolved for name in (cfg.pretrained, cfg.load_from) if name}
     unknown = sorted(set(pretrained) - used)
     if unknown:
         names = ", ".join(sorted(used)) or "none"
         raise UserError(f"--pretrained {unknown[0]}: no selected cell uses it; used: {names}")
     check_pretrained_files(pretrained)
     if require_pretrained:  # execute_run checks this before the data; direct callers get it here
-        missing_initialisation([(cell.name, cfg) for cell, cfg, _p in resolved if cfg is not None], pretrained)
+        missing_initialisation([(cell.name, cfg) for cell, cfg, _p in resolved], pretrained)
     jobs: list[CellJob] = []
     for cell, cfg, problem in resolved:
         for seed in seeds:
             run = run_config(
                 profile, data_root=data_root, device=device, seed=seed,
-                pretrained_path=pretrained.get(cfg.pretrained) if cfg is not None and cfg.pretrained else None,
-                load_from_path=pretrained.get(cfg.load_from) if cfg is not None and cfg.load_from else None,
+                pretrained_path=pretrained.get(cfg.pretrained) if cfg.pretrained else None,
+                load_from_path=pretrained.get(cfg.load_from) if cfg.load_from else None,
             )  # fmt: skip
             jobs.append(CellJob(
                 name=cell.name, matrix=matrix.name, profile=profile.name, seed=seed,
                 folder=cell_dir(runs_dir, matrix.name, profile.name, cell.name, seed),
-                spec={"config": cfg.to_dict() if cfg is not None else None, "run": run.to_dict()},
+                spec={"config": cfg.to_dict(), "run": run.to_dict()},
                 axes=dict(cell.axes), skip_reason=problem,
-                notes=(tuple(cfg.notes) if cfg is not None else ()) + (data.notes_for(cfg) if data and cfg else ()),
+                notes=tuple(cfg.notes) + (data.notes_for(cfg) if data else ()),
             ))  # fmt: skip
     return jobs
 
@@ -358,7 +343,7 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     require = profile.compare == "published" and not getattr(args, "allow_random_init", False)
     if require:  # before the data check, which reads every image header
         check_pretrained_files(pretrained)
-        missing_initialisation([(c.name, cfg) for c in cells if (cfg := _resolvable(c)) is not None], pretrained)
+        missing_initialisation([(c.name, c.config) for c in cells], pretrained)
     data = check_data(data_root, log=log)
     jobs = plan_run(
         matrix, profile, cells=cells, seeds=seeds, runs_dir=runs_dir, data_root=data_root, device=device,

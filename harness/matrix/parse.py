@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from detector.api import AXES, DEFAULT_AXES, ConfigError, resolve
+from detector.api import AXES, DEFAULT_AXES, ConfigError, DetectorConfig, resolve
 from harness.errors import UserError
 from harness.matrix import naming
 from harness.matrix.spec import (
@@ -124,6 +124,7 @@ def parse(path: Path) -> MatrixSpec:
         ctx.fail("the matrix has no cells (empty axes and include, or everything excluded)", field="axes")
 
     full: dict[str, dict[str, str]] = {}
+    configs: dict[str, DetectorConfig] = {}
     for combo in combos:
         explicit = combo.pop("name", None)
         axes_full = {axis: combo.get(axis, defaults[axis]) for axis in AXES}
@@ -136,7 +137,7 @@ def parse(path: Path) -> MatrixSpec:
             if other_axes == axes_full:
                 ctx.fail(f"same axes as cell {other!r}: a cell shown twice must be referenced twice in tables, not declared twice", cell=name, field="include")
         try:
-            resolve(axes_full, name=name)
+            configs[name] = resolve(axes_full, name=name)
         except ConfigError as exc:
             ctx.fail(f"impossible combination: {exc}", cell=name, field="axes")
         full[name] = axes_full
@@ -154,7 +155,7 @@ def parse(path: Path) -> MatrixSpec:
         for row in t.rows:
             first_row.setdefault(row.cell, (t.id, row))
     ordered = list(first_row) + [n for n in full if n not in first_row]
-    cells = tuple(_cell(ctx, n, full[n], metas.get(n), first_row.get(n)) for n in ordered)
+    cells = tuple(_cell(ctx, n, full[n], configs[n], metas.get(n), first_row.get(n)) for n in ordered)
     owner: dict[str, str] = {n: n for n in full}
     for c in cells:
         for alias in c.aliases:
@@ -248,7 +249,7 @@ def _table(ctx: _Ctx, raw: Any, index: int, cells: Mapping[str, Any]) -> Table:
                  intro=ctx.text(t.get("intro"), f"{where}.intro", optional=True), columns=columns, rows=tuple(rows))
 
 
-def _cell(ctx: _Ctx, name: str, axes: dict[str, str], raw: Any, first: tuple[str, Row] | None) -> Cell:
+def _cell(ctx: _Ctx, name: str, axes: dict[str, str], config: DetectorConfig, raw: Any, first: tuple[str, Row] | None) -> Cell:
     meta = ctx.mapping(raw, f"cells.{name}", _CELL_KEYS, cell=name)
     aliases = tuple(ctx.text(a, "cells.aliases", cell=name) for a in ctx.seq(meta.get("aliases"), "cells.aliases", cell=name))
     notes = tuple(ctx.text(n, "cells.notes", cell=name) for n in ctx.seq(meta.get("notes"), "cells.notes", cell=name))
@@ -263,7 +264,7 @@ def _cell(ctx: _Ctx, name: str, axes: dict[str, str], raw: Any, first: tuple[str
         if first and Published(**values) != published:
             ctx.fail(f"{values} disagrees with the first table row {published}", cell=name, field="cells.published")
         published = Published(**values)
-    return Cell(name=name, axes=axes, aliases=aliases, published=published, section=first[0] if first else NO_SECTION,
+    return Cell(name=name, axes=axes, config=config, aliases=aliases, published=published, section=first[0] if first else NO_SECTION,
                 download=ctx.text(meta.get("download"), "cells.download", cell=name, optional=True) or None,
                 log=ctx.text(meta.get("log"), "cells.log", cell=name, optional=True) or None, notes=notes)
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detector.api import DetectorConfig, resolve
+from detector.api import DetectorConfig
 from harness.errors import UserError
 from harness.matrix import naming
 from harness.metrics import METRICS, Tolerances
@@ -58,14 +58,24 @@ class Cell:
     download: str | None
     notes: tuple[str, ...] = ()
     log: str | None = None  # training log URL from the seed
+    # The resolved recipe (`detector.recipes.resolve(axes)`), resolved once when the matrix loads.
+    config: DetectorConfig = field(repr=False, compare=False)
 
-    def config(self) -> DetectorConfig:
-        """The resolved recipe of this cell (`detector.recipes.resolve`)."""
-        return resolve(self.axes, name=self.name)
+    @property
+    def epochs(self) -> int:
+        """Real epochs of the recipe: `max_epochs x repeat_times` (ms-3x: 12 x 3 = 36, Q4)."""
+        return self.config.schedule.max_epochs * self.config.schedule.repeat_times
+
+    @property
+    def recipe_notes(self) -> tuple[str, ...]:
+        """The quirk notes (Q1, Q2, Q5, FP16 ...) of the resolved recipe, then the YAML's notes."""
+        return tuple(dict.fromkeys((*self.config.notes, *self.notes)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (`harness list --format json`): name, section, axes, published, ..."""
-        return asdict(self)
+        out = asdict(self)
+        del out["config"]
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,6 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from detector.api import ConfigError, resolve
 from harness.matrix.spec import Cell, MatrixSpec
 from harness.metrics import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS
 
@@ -37,9 +36,7 @@ def published_metafile(matrix: MatrixSpec) -> dict[str, Any]:
             # The metafile's ms/im are 1000 / README fps, 2 decimals (reference 1.5, main table note).
             meta["inference time (ms/im)"] = [_inference(
                 1000.0 / cell.published.fps, PUBLISHED_HARDWARE, _mode(cell.axes.get("precision")), RECIPE_RESOLUTION)]
-        epochs = recipe_epochs(cell)
-        if epochs is not None:
-            meta["Epochs"] = epochs
+        meta["Epochs"] = cell.epochs
         model: dict[str, Any] = _model(matrix, cell, meta, cell.published.box_ap, "COCO")
         if cell.download:
             model["Weights"] = cell.download
@@ -102,14 +99,6 @@ def write_metafile(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def recipe_epochs(cell: Cell) -> int | None:
-    """Real epochs of the cell's recipe: `max_epochs x repeat_times` (ms-3x: 12 x 3 = 36, Q4)."""
-    try:
-        sched = resolve(dict(cell.axes), name=cell.name).schedule
-    except ConfigError:
-        return None
-    return sched.max_epochs * sched.repeat_times
-
 
 def _collection(matrix: MatrixSpec, dataset: str, resources: str) -> dict[str, Any]:
     coll: dict[str, Any] = {
@@ -171,4 +160,4 @@ def _finite(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
-__all__ = ["measured_metafile", "published_metafile", "recipe_epochs", "write_metafile"]
+__all__ = ["measured_metafile", "published_metafile", "write_metafile"]

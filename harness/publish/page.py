@@ -44,13 +44,10 @@ from harness.publish.metafile import (
 )
 from harness.publish.plots import plot_ap_vs_fps, plot_ap_vs_published, plot_loss_curves
 from harness.results.collect import (
-    collect,
-    load_loss_curves,
-    loss_trends,
-    recipe_notes,
     results_csv_frame,
 )
-from harness.results.compare import compare_frame, summary_counts
+from harness.results.compare import summary_counts
+from harness.results.tables import Results
 from harness.results.verdicts import quirk_ids, scope_of
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -95,11 +92,10 @@ def default_page_dir(runs_dir: Path, matrix: MatrixSpec, profile: str) -> Path:
     return profile_dir(Path(runs_dir), matrix.name, profile) / "_report"
 
 
-def write_report(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write README.md, results.csv, metafile.yml and plots/*.png for `profile`; return the README path."""
-    out = Path(out_dir) if out_dir is not None else default_page_dir(runs_dir, matrix, profile)
-    runs = collect(matrix, profile, Path(runs_dir))
-    compared = compare_frame(runs, matrix, profile)
+def write_report(results: Results, out_dir: Path | None = None) -> Path:
+    """Write README.md, results.csv, metafile.yml and plots/*.png of `results`; return the README path."""
+    matrix, profile, runs, compared = results.matrix, results.profile, results.runs, results.compared
+    out = Path(out_dir) if out_dir is not None else default_page_dir(results.runs_dir, matrix, profile)
     out.mkdir(parents=True, exist_ok=True)
     drawers = {"ap_vs_published.png": plot_ap_vs_published, "ap_vs_fps.png": plot_ap_vs_fps}
     for file, _title in PLOTS:
@@ -108,13 +104,13 @@ def write_report(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path
     for file, _title in page_plots(matrix.profile(profile)):
         if file in drawers:
             drawers[file](compared, out / "plots" / file)
-    plot_loss_curves(load_loss_curves(runs), out / "plots" / "loss_curves.png")
+    plot_loss_curves(results.curves, out / "plots" / "loss_curves.png")
     results_csv_frame(runs).to_csv(out / "results.csv", index=False)
     datasets = dataset_facts(runs)
     synthetic = bool(datasets) and all(d["synthetic"] for d in datasets)
     write_metafile(measured_metafile(matrix, compared, runs, synthetic=synthetic, repo=repo_root()), out / "metafile.yml")
     readme = out / "README.md"
-    readme.write_text(render_report(matrix, profile, runs, compared), encoding="utf-8")
+    readme.write_text(render_report(results), encoding="utf-8")
     return readme
 
 
@@ -137,17 +133,16 @@ def banner(prof: Profile) -> str:
     return f"**Only {shown} are compared here.** {scope.reason}; {DELTA_COLUMN} is left blank."
 
 
-def report_is_current(matrix: MatrixSpec, profile: str, runs_dir: Path, out_dir: Path | None = None) -> bool:
+def report_is_current(results: Results, out_dir: Path | None = None) -> bool:
     """Whether the README in `out_dir` is exactly what `write_report` would write now (a CI staleness check)."""
-    readme = (Path(out_dir) if out_dir is not None else default_page_dir(runs_dir, matrix, profile)) / "README.md"
-    if not readme.is_file():
-        return False
-    runs = collect(matrix, profile, Path(runs_dir))
-    return readme.read_text(encoding="utf-8") == render_report(matrix, profile, runs, compare_frame(runs, matrix, profile))
+    folder = Path(out_dir) if out_dir is not None else default_page_dir(results.runs_dir, results.matrix, results.profile)
+    readme = folder / "README.md"
+    return readme.is_file() and readme.read_text(encoding="utf-8") == render_report(results)
 
 
-def render_report(matrix: MatrixSpec, profile: str, runs: pd.DataFrame, compared: pd.DataFrame) -> str:
-    """The measured page (markdown) from a `collect()` frame and its `compare_frame()`."""
+def render_report(results: Results) -> str:
+    """The measured page (markdown) of `results` (`harness.results.tables.gather`)."""
+    matrix, profile, runs, compared = results.matrix, results.profile, results.runs, results.compared
     prof = matrix.profile(profile)
     by_name = {str(r["name"]): r for r in compared.to_dict(orient="records")}
     counts = summary_counts(compared)
@@ -176,7 +171,7 @@ def render_report(matrix: MatrixSpec, profile: str, runs: pd.DataFrame, compared
     return _render(
         matrix, facts=facts, legend=legend, sections=sections, measurement=_measurement(matrix, prof),
         quirks=_quirks(matrix, runs), cell_notes=_cell_notes(matrix), run_deviations=_run_deviations(runs),
-        run_times=_run_times(runs, loss_trends(load_loss_curves(runs))), banner=banner(prof),
+        run_times=_run_times(runs, results.trends), banner=banner(prof),
         plots=[(title, f"plots/{file}") for file, title in page_plots(prof)],
         link_defs=[(ref, url) for url, ref in links.items()],
         files=[("results.csv", "one row per cell and seed: measured, published, delta, verdict and its reason"),
@@ -417,7 +412,7 @@ def _quirks(matrix: MatrixSpec, runs: pd.DataFrame | None) -> list[dict[str, Any
     """Quirk id -> meaning and the cells it affects (with each cell's own note)."""
     notes_of: dict[str, tuple[str, ...]] = {}
     for cell in matrix.cells:
-        notes = recipe_notes(cell)
+        notes = cell.recipe_notes
         if runs is not None:
             got = runs.loc[runs["name"] == cell.name, "notes"]
             notes = tuple(got.iloc[0]) if len(got) and got.iloc[0] else notes

@@ -138,7 +138,6 @@ def needs_data(spec: RegressionSpec, only: Sequence[str] = ()) -> bool:
 def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path, device: str,
                 only: Sequence[str] = (), log: Log = print) -> list[Check]:  # fmt: skip
     """The checks to run, the longest (overfit) first so that the short ones fill the other slots."""
-    from detector.api import resolve
     from harness.execute.cells import cell_dir
     from harness.execute.plan import run_config, synthetic_root
     from harness.execute.runner import CellJob
@@ -158,7 +157,7 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
         if cell.axes.get("precision") == "amp" and not amp_ok:
             log(f"note: {check_id} not run: {amp_why}")
             continue
-        budget, cfg = spec.budget, resolve(dict(cell.axes), name=cell.name)
+        budget, cfg = spec.budget, cell.config
         if suite_name == "overfit":
             if data_root is None:
                 continue

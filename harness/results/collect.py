@@ -17,7 +17,6 @@ from typing import Any
 
 import pandas as pd
 
-from detector.api import ConfigError, resolve
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, iter_results
 from harness.matrix.spec import Cell, MatrixSpec
@@ -89,15 +88,6 @@ def collect(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def recipe_notes(cell: Cell) -> tuple[str, ...]:
-    """The quirk notes (Q1, Q2, Q5, FP16 ...) of the cell's resolved recipe, plus the YAML notes."""
-    try:
-        notes = resolve(dict(cell.axes), name=cell.name).notes
-    except ConfigError:
-        notes = ()
-    return tuple(dict.fromkeys((*notes, *cell.notes)))
-
-
 def load_loss_curves(frame: pd.DataFrame) -> pd.DataFrame:
     """Training-loss points of every run in `frame`, read from `<run_dir>/log.jsonl`.
 
@@ -143,7 +133,7 @@ def results_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _placeholder(cell: Cell, profile: str, why: str) -> dict[str, Any]:
-    notes = recipe_notes(cell)
+    notes = cell.recipe_notes
     return {
         **_cell_fields(cell, profile),
         "seed": None, "status": "not run", "reason": why, "verdict": "not run", "verdict_reason": why,
@@ -157,7 +147,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
     versions: dict[str, Any] = prov.get("versions") or {}
     machine: dict[str, Any] = prov.get("machine") or {}
     spec_run = _read_json(run_dir / "spec.json").get("run") or {}
-    notes = tuple(result.get("notes") or ()) or recipe_notes(cell)
+    notes = tuple(result.get("notes") or ()) or cell.recipe_notes
     status = str(result.get("status", "failed"))
     row: dict[str, Any] = {
         **_cell_fields(cell, profile),
@@ -292,4 +282,4 @@ def _last_line(text: Any) -> str:
     return lines[-1][:200] if lines else "unknown error"
 
 
-__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "loss_trends", "recipe_notes", "results_csv_frame"]
+__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "loss_trends", "results_csv_frame"]

@@ -27,14 +27,6 @@ COCO_TRAIN_IMAGES = 117_266
 SUBSET_TRAIN_IMAGES: dict[str, int | None] = {"coco": COCO_TRAIN_IMAGES}
 
 
-def recipe_epochs(cell_axes: dict[str, str], name: str) -> int:
-    """Real epochs of a cell's full recipe (`max_epochs x repeat_times`: ms-3x is 3 x 12)."""
-    from detector.api import resolve
-
-    schedule = resolve(dict(cell_axes), name=name).schedule
-    return int(schedule.max_epochs * schedule.repeat_times)
-
-
 def gpu_hours(*, epochs: int, images: int, images_per_s: float) -> float:
     """GPU-hours of `epochs` passes over `images` at `images_per_s` per GPU."""
     if images_per_s <= 0:
@@ -57,7 +49,7 @@ def estimate_frame(matrix: MatrixSpec, runs: pd.DataFrame, *, gpus: int = 8) -> 
         per_gpu = rate / float(mine["world_size"].fillna(1).mean()) if len(mine) else math.nan
         classes = dict(cell.axes).get("classes", "coco")
         images = SUBSET_TRAIN_IMAGES.get(classes)
-        epochs = recipe_epochs(dict(cell.axes), cell.name)
+        epochs = cell.epochs
         hours = gpu_hours(epochs=epochs, images=images or COCO_TRAIN_IMAGES, images_per_s=per_gpu) if per_gpu > 0 else math.nan
         rows.append({
             "name": cell.name, "epochs": epochs, "train_images": images or COCO_TRAIN_IMAGES,
@@ -109,4 +101,4 @@ def _num(x: Any, digits: int) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):,.{digits}f}"
 
 
-__all__ = ["COCO_TRAIN_IMAGES", "estimate", "estimate_frame", "format_estimate", "gpu_hours", "recipe_epochs", "summary_line", "total_gpu_hours"]
+__all__ = ["COCO_TRAIN_IMAGES", "estimate", "estimate_frame", "format_estimate", "gpu_hours", "summary_line", "total_gpu_hours"]

@@ -178,7 +178,7 @@ def test_every_cell_resolves_to_its_recipe(spec: MatrixSpec) -> None:
     assert person.num_classes == 1 and person.load_from is not None
     assert resolve(spec.cell("faster-rcnn_r50-tnr-pre_fpn_1x_coco").axes).schedule.optimizer == "adamw"
     c4 = spec.cell("faster-rcnn_r50-caffe_c4-1x_coco")
-    assert c4.config() == resolve(c4.axes, name=c4.name) and c4.config().roi_head.kind == "res5"
+    assert c4.config == resolve(c4.axes, name=c4.name) and c4.config.roi_head.kind == "res5"
     as_json = c4.to_dict()
     assert as_json["published"] == {"box_ap": 35.6, "mem_gb": None, "fps": None} and as_json["section"] == "main"
     assert as_json["axes"]["neck"] == "c4" and "faster-rcnn_r50-caffe-c4_1x_coco" in as_json["aliases"]

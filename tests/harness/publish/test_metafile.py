@@ -12,7 +12,6 @@ from harness.matrix.spec import MatrixSpec
 from harness.publish.metafile import (
     measured_metafile,
     published_metafile,
-    recipe_epochs,
     write_metafile,
 )
 from harness.results.collect import collect
@@ -50,9 +49,9 @@ def test_published_metafile_matches_mmdetection_fields(matrix: MatrixSpec, tmp_p
 
 
 def test_recipe_epochs_count_repeats(matrix: MatrixSpec) -> None:
-    assert recipe_epochs(matrix.cell("faster-rcnn_r50_fpn_ms-3x_coco")) == 36  # RepeatDataset x3 of 12 (Q4)
-    assert recipe_epochs(matrix.cell("faster-rcnn_r50-caffe-dc5_ms-3x_coco")) == 36
-    assert recipe_epochs(matrix.cell("faster-rcnn_r50-caffe_fpn_ms-2x_coco")) == 24
+    assert matrix.cell("faster-rcnn_r50_fpn_ms-3x_coco").epochs == 36  # RepeatDataset x3 of 12 (Q4)
+    assert matrix.cell("faster-rcnn_r50-caffe-dc5_ms-3x_coco").epochs == 36
+    assert matrix.cell("faster-rcnn_r50-caffe_fpn_ms-2x_coco").epochs == 24
 
 
 def test_measured_metafile_holds_every_ok_cell(matrix: MatrixSpec, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from harness.publish.page import (
     write_published_report,
     write_report,
 )
+from harness.results.tables import gather
 from tests.resources.fake_runs import R50, write_run, write_synthetic_root
 
 SEED = Path(__file__).resolve().parents[2] / "resources" / "faster_rcnn_README.md"  # copy of shared/seed/
@@ -112,7 +113,7 @@ def measured(matrix: MatrixSpec, tmp_path: Path) -> tuple[Path, str]:
     write_run(runs, "faster-rcnn_r101-caffe_fpn_ms-3x_coco", profile="smoke", box_ap=0.5, data_root=str(root),
               eval_split="train2017", finished_at="2025-03-04T05:06:07+00:00")
     write_run(runs, "faster-rcnn_r50_fpn_giou_1x_coco", profile="smoke", status="failed", error="RuntimeError: boom")
-    readme = write_report(matrix, "smoke", runs, tmp_path / "out")
+    readme = write_report(gather(matrix, "smoke", runs), tmp_path / "out")
     return tmp_path / "out", readme.read_text(encoding="utf-8")
 
 
@@ -180,12 +181,12 @@ def test_measured_page_files(matrix: MatrixSpec, measured: tuple[Path, str]) -> 
 
 def test_report_is_deterministic_and_staleness_is_detected(matrix: MatrixSpec, measured: tuple[Path, str], tmp_path: Path) -> None:
     out, text = measured
-    again = write_report(matrix, "smoke", tmp_path / "runs", out)
+    again = write_report(gather(matrix, "smoke", tmp_path / "runs"), out)
     assert again.read_text(encoding="utf-8") == text
-    assert report_is_current(matrix, "smoke", tmp_path / "runs", out)
+    assert report_is_current(gather(matrix, "smoke", tmp_path / "runs"), out)
     write_run(tmp_path / "runs", "faster-rcnn_r50_fpn_2x_coco", profile="smoke", box_ap=0.1)  # a new result
-    assert not report_is_current(matrix, "smoke", tmp_path / "runs", out)
-    assert not report_is_current(matrix, "smoke", tmp_path / "runs", tmp_path / "nowhere")
+    assert not report_is_current(gather(matrix, "smoke", tmp_path / "runs"), out)
+    assert not report_is_current(gather(matrix, "smoke", tmp_path / "runs"), tmp_path / "nowhere")
 
 
 def test_markdown_table_escapes_pipes() -> None:

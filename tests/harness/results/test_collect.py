@@ -17,7 +17,6 @@ from harness.results.collect import (
     collect,
     load_loss_curves,
     loss_trends,
-    recipe_notes,
 )
 from tests.resources.fake_runs import R50, write_run
 
@@ -85,7 +84,7 @@ def test_notes_come_from_result_json_else_the_recipe(matrix: MatrixSpec, tmp_pat
     # Not run: the resolved recipe's notes (Q5 and the FP16 loss-scale note on the amp cell).
     assert df.loc["faster-rcnn_r50_fpn_amp-1x_coco", "quirks"] == "Q5 FP16"
     assert df.loc["faster-rcnn_r50-caffe_fpn_ms-2x_coco", "quirks"] == "Q1"
-    assert any(n.startswith("Q1:") for n in recipe_notes(matrix.cell("faster-rcnn_r50-caffe-dc5_ms-3x_coco")))
+    assert any(n.startswith("Q1:") for n in matrix.cell("faster-rcnn_r50-caffe-dc5_ms-3x_coco").recipe_notes)
 
 
 def test_alias_names_and_unknown_folders(matrix: MatrixSpec, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from harness.results.estimate import (
     COCO_TRAIN_IMAGES,
     estimate,
     gpu_hours,
-    recipe_epochs,
 )
 from tests.resources.fake_runs import R50, write_run
 
@@ -33,10 +32,9 @@ def test_gpu_hours_by_hand() -> None:
 
 
 def test_recipe_epochs_include_repeat_dataset(matrix: MatrixSpec) -> None:
-    axes = {c.name: dict(c.axes) for c in matrix.cells}
-    assert recipe_epochs(axes[R50], R50) == 12
-    assert recipe_epochs(axes["faster-rcnn_r50_fpn_2x_coco"], "faster-rcnn_r50_fpn_2x_coco") == 24
-    assert recipe_epochs(axes["faster-rcnn_r50_fpn_ms-3x_coco"], "faster-rcnn_r50_fpn_ms-3x_coco") == 36
+    assert matrix.cell(R50).epochs == 12
+    assert matrix.cell("faster-rcnn_r50_fpn_2x_coco").epochs == 24
+    assert matrix.cell("faster-rcnn_r50_fpn_ms-3x_coco").epochs == 36
 
 
 def test_estimate_from_runs_and_cli(matrix: MatrixSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
