@@ -40,7 +40,7 @@ EPS = 1e-9
 
 
 @dataclass(frozen=True, kw_only=True)
-class Tolerances:
+class PublishedTolerances:
     """A matrix's `tolerances:` block: the AP bands (percentage points) and the Mem limit (relative)."""
 
     box_ap_pass: float = 0.2
@@ -62,7 +62,7 @@ class Measured:
 
 
 # (measured, published, tolerances) -> (verdict, reason or None when nothing needs explaining)
-Rule = Callable[[Measured, "float | None", Tolerances], "tuple[Verdict, str | None]"]
+Rule = Callable[[Measured, "float | None", PublishedTolerances], "tuple[Verdict, str | None]"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +100,7 @@ def ap_verdict(low: float, high: float, published: float, *, pass_band: float, w
     return "warn"
 
 
-def _box_ap_rule(m: Measured, published: float | None, tol: Tolerances) -> tuple[Verdict, str | None]:
+def _box_ap_rule(m: Measured, published: float | None, tol: PublishedTolerances) -> tuple[Verdict, str | None]:
     if m.low is None or m.high is None or _nan(m.low):
         # Only finished runs are judged: one that finished without an AP did not do its job.
         return "fail", "the run finished without a box AP"
@@ -138,12 +138,12 @@ def fps_verdict(measured: float | None, device_class: str | None, published: flo
     return "warn", f"fps {d:+.0%} (indicative, tolerance {FPS_REL:.0%})"
 
 
-def _mem_rule(m: Measured, published: float | None, tol: Tolerances) -> tuple[Verdict, str | None]:
+def _mem_rule(m: Measured, published: float | None, tol: PublishedTolerances) -> tuple[Verdict, str | None]:
     verdict, reason = mem_verdict(m.mean, m.context, published, rel=tol.mem_rel)
     return verdict, reason if verdict != "pass" and published is not None else None  # unpublished: nothing to explain
 
 
-def _fps_rule(m: Measured, published: float | None, tol: Tolerances) -> tuple[Verdict, str | None]:
+def _fps_rule(m: Measured, published: float | None, tol: PublishedTolerances) -> tuple[Verdict, str | None]:
     verdict, reason = fps_verdict(m.mean, m.context, published)
     return verdict, reason if verdict != "pass" and published is not None else None
 
@@ -167,5 +167,5 @@ def _nan(x: float) -> bool:
 
 __all__ = [
     "BY_KEY", "BY_TITLE", "COMPARABLE_MEM_KIND", "EPS", "FPS_REL", "METRICS", "Measured", "Metric",
-    "PUBLISHED_DEVICE_CLASS", "Tolerances", "Verdict", "ap_verdict", "fps_verdict", "mem_verdict",
+    "PUBLISHED_DEVICE_CLASS", "PublishedTolerances", "Verdict", "ap_verdict", "fps_verdict", "mem_verdict",
 ]  # fmt: skip

@@ -30,9 +30,9 @@ from harness.matrix.spec import (
     MatrixSpec,
     Profile,
     Published,
+    PublishedTolerances,
     Row,
     Table,
-    Tolerances,
     expand_matrix,
     matrices_dir,
 )
@@ -269,13 +269,13 @@ def _cell(ctx: _Ctx, name: str, axes: dict[str, str], config: DetectorConfig, ra
                 log=ctx.text(meta.get("log"), "cells.log", cell=name, optional=True) or None, notes=notes)
 
 
-def _tolerances(ctx: _Ctx, raw: Any) -> Tolerances:
+def _tolerances(ctx: _Ctx, raw: Any) -> PublishedTolerances:
     values = {}
     for key, value in ctx.mapping(raw, "tolerances", ("box_ap_pass", "box_ap_warn", "mem_rel")).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             ctx.fail(f"expected a non-negative number, got {value!r}", field=f"tolerances.{key}")
         values[key] = float(value)
-    tol = Tolerances(**values)
+    tol = PublishedTolerances(**values)
     if tol.box_ap_warn < tol.box_ap_pass:
         ctx.fail("box_ap_warn must be >= box_ap_pass", field="tolerances")
     return tol

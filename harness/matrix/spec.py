@@ -27,7 +27,7 @@ from typing import Any
 from detector.api import DetectorConfig
 from harness.errors import UserError
 from harness.matrix import naming
-from harness.metrics import METRICS, Tolerances
+from harness.metrics import METRICS, PublishedTolerances
 
 DEFAULT_MATRIX = "faster_rcnn"
 # Seed column header -> Published field (`harness.metrics`). "Config" and "Download" are derived from the cell.
@@ -138,7 +138,7 @@ class MatrixSpec:
     cells: tuple[Cell, ...]  # tables' order first, then the remaining combinations in expansion order
     tables: tuple[Table, ...]
     profiles: dict[str, Profile]
-    tolerances: Tolerances
+    tolerances: PublishedTolerances
     paper_title: str = ""
     paper_url: str = ""
     source: str = ""
@@ -237,5 +237,5 @@ def expand_matrix(axes: Mapping[str, Sequence[str]], include: Sequence[Mapping[s
     return combos + added
 
 
-__all__ = ["Cell", "MatrixSpec", "Profile", "Published", "Row", "Table", "Tolerances", "expand_matrix",
+__all__ = ["Cell", "MatrixSpec", "Profile", "Published", "Row", "Table", "PublishedTolerances", "expand_matrix",
            "matrices_dir", "repo_root"]

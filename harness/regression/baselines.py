@@ -32,7 +32,7 @@ SUITE_DATA = ("given", "synthetic")  # given: the COCO root of --data; synthetic
 
 
 @dataclass(frozen=True, kw_only=True)
-class Tolerance:
+class BaselineTolerance:
     """Metrics matching `pattern` (fnmatch) of checks matching `check` pass when
     |measured - baseline| <= max(abs, rel * |baseline|)."""
 
@@ -102,14 +102,14 @@ class RegressionSpec:
     suites: tuple[Suite, ...]
     overfit: Overfit | None
     determinism: str | None  # a check id run twice; every metric must be identical (CPU only)
-    tolerances: tuple[Tolerance, ...]
+    tolerances: tuple[BaselineTolerance, ...]
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # device class -> entry
     # Consulted first when this machine is of another kind than the baseline's (`harness.execute.machine`):
     # another CPU vendor / model, ISA (AVX2, AVX512, AVX512-BF16, AMX), torch / oneDNN build or
     # thread count changes float results; calibrated in the file, beside each entry.
-    cross_machine: tuple[Tolerance, ...] = ()
+    cross_machine: tuple[BaselineTolerance, ...] = ()
 
-    def tolerance(self, metric: str, check: str = "", *, cross_machine: bool = False) -> Tolerance:
+    def tolerance(self, metric: str, check: str = "", *, cross_machine: bool = False) -> BaselineTolerance:
         """The first tolerance matching `metric` of `check` (validated: the last one matches all);
         with `cross_machine`, the cross-machine entries are looked through first."""
         for tol in (*self.cross_machine, *self.tolerances) if cross_machine else self.tolerances:
@@ -344,10 +344,10 @@ def _overfit(r: _Reader) -> Overfit:
     )  # fmt: skip
 
 
-def _tolerance(r: _Reader) -> Tolerance:
+def _tolerance(r: _Reader) -> BaselineTolerance:
     r.allowed({"metric", "check", "abs", "rel", "why"})
     check = r.text("check") if r.get("check") is not None else "*"
-    return Tolerance(pattern=r.text("metric"), check=check, abs=r.number("abs", 0.0), rel=r.number("rel", 0.0),
+    return BaselineTolerance(pattern=r.text("metric"), check=check, abs=r.number("abs", 0.0), rel=r.number("rel", 0.0),
                      why=r.text("why"))  # fmt: skip
 
 
@@ -358,7 +358,7 @@ __all__ = [
     "Overfit",
     "RegressionSpec",
     "Suite",
-    "Tolerance",
+    "BaselineTolerance",
     "compare_metrics",
     "default_path",
     "load_spec",

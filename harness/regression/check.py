@@ -37,7 +37,7 @@ from harness.regression.baselines import (
 )
 from harness.regression.judge import (
     fingerprint,
-    judge,
+    judge_checks,
     portable_spec_hash,
     print_judgement,
 )
@@ -302,7 +302,7 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
     if not checks:
         raise UserError("regression: nothing to run (every selected check needs the real data, see above)")
     outcome = execute(spec, checks, device=device, log=say)
-    verdict = judge(spec, checks, outcome, device_class=_device_class(device),
+    verdict = judge_checks(spec, checks, outcome, device_class=_device_class(device),
                     data_missing=wants_data and data_root is None, cross_machine=cross)
     print_judgement(verdict, spec, checks, device_class=_device_class(device))
     from harness.execute.cells import write_json_atomic
@@ -332,7 +332,7 @@ def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, on
     outcome = execute(spec, checks, device=device, log=say)
     dclass = _device_class(device)
     # Judge without baselines: cells must succeed, the overfit floor and determinism must hold.
-    verdict = judge(dataclasses.replace(spec, baselines={}), checks, outcome, device_class=dclass, data_missing=False,
+    verdict = judge_checks(dataclasses.replace(spec, baselines={}), checks, outcome, device_class=dclass, data_missing=False,
                     need_baseline=False)  # fmt: skip
     if not verdict.passed:
         print_judgement(verdict, spec, checks, device_class=dclass)

@@ -1,6 +1,6 @@
 """Judging the checks of a regression run and saying what moved, by how much, against which baseline.
 
-`judge()` turns the cells' outcomes into one `CheckVerdict` per check:
+`judge_checks()` turns the cells' outcomes into one `CheckVerdict` per check:
 - compare / overfit checks: every metric against the stored baseline of this device class, within
   the per-metric tolerances of the baseline file; the data must be the baseline's data (fingerprint);
 - overfit: also the stated floor (e.g. coco/bbox_mAP_50 >= 0.5) on the images it trained on;
@@ -76,7 +76,7 @@ def portable_spec_hash(spec: dict[str, Any]) -> str:
     return config_hash({**spec, "run": {**spec["run"], "data_root": "<data>"}})
 
 
-def judge(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, Any]], *, device_class: str,
+def judge_checks(spec: RegressionSpec, checks: list[Any], outcome: dict[str, dict[str, Any]], *, device_class: str,
           data_missing: bool, need_baseline: bool = True, cross_machine: bool = False) -> Judgement:  # fmt: skip
     """One verdict per check (see the module docstring); `checks` are `harness.regression.check.Check`s."""
     entry = spec.baselines.get(device_class)
@@ -203,7 +203,7 @@ __all__ = [
     "Judgement",
     "baseline_label",
     "fingerprint",
-    "judge",
+    "judge_checks",
     "portable_spec_hash",
     "print_judgement",
 ]

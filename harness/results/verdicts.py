@@ -20,7 +20,7 @@ from harness.metrics import METRICS, Measured, Verdict
 
 if TYPE_CHECKING:  # only for annotations: verdicts stays importable without the matrix module
     from harness.matrix.spec import Profile, Published
-    from harness.metrics import Tolerances
+    from harness.metrics import PublishedTolerances
 
 VERDICTS: tuple[str, ...] = ("pass", "warn", "fail", "not comparable", "not run")
 
@@ -116,7 +116,7 @@ def judge(
     measured: Mapping[str, Measured],
     eval_split: str | None,
     published: Published,
-    tolerances: Tolerances,
+    tolerances: PublishedTolerances,
 ) -> tuple[Verdict, dict[str, Verdict], list[str]]:
     """Verdict of finished run(s) of one cell on every metric of `harness.metrics.METRICS`.
 
@@ -128,7 +128,7 @@ def judge(
         measured: metric key -> its value(s) (a single run: low == high == the value); a metric
             missing here was not measured.
         eval_split: where AP was evaluated; only val2017 is comparable with the published numbers.
-        published: a `harness.matrix.spec.Published`; tolerances: a `harness.matrix.spec.Tolerances`.
+        published: a `harness.matrix.spec.Published`; tolerances: a `harness.matrix.spec.PublishedTolerances`.
 
     Returns:
         (overall verdict, {metric key: verdict}, reasons), where overall is the worst compared

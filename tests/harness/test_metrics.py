@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from harness.matrix.spec import METRIC_COLUMNS, Published
-from harness.metrics import BY_KEY, METRICS, Measured, Tolerances
+from harness.metrics import BY_KEY, METRICS, Measured, PublishedTolerances
 from harness.results.verdicts import Scope, judge
 
-TOL = Tolerances()
+TOL = PublishedTolerances()
 
 
 def test_published_has_one_field_per_metric_and_the_seed_titles_follow_the_table() -> None:

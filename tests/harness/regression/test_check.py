@@ -29,7 +29,7 @@ from harness.regression.baselines import (
 from harness.regression.check import Check
 from harness.regression.judge import (
     fingerprint,
-    judge,
+    judge_checks,
     portable_spec_hash,
     print_judgement,
 )
@@ -162,7 +162,7 @@ def test_regression_output_names_cell_metric_delta_and_baseline(spec: Regression
     checks = [_check("coco128/faster-rcnn_r50_fpn_1x_coco", root, tmp_path), _check("synthetic/faster-rcnn_r50_fpn_1x_coco", root, tmp_path)]
     spec = dataclasses.replace(spec, baselines={"cpu": _entry(checks)}, overfit=None)
     outcome = {checks[0].id: _outcome({**METRICS, "log/loss_cls@2": 4.5}), checks[1].id: _outcome()}
-    verdict = judge(spec, checks, outcome, device_class="cpu", data_missing=False)
+    verdict = judge_checks(spec, checks, outcome, device_class="cpu", data_missing=False)
     assert not verdict.passed and [c.passed for c in verdict.checks] == [False, True]
     print_judgement(verdict, spec, checks, device_class="cpu")
     out = capsys.readouterr().out
@@ -177,7 +177,7 @@ def test_regression_output_names_cell_metric_delta_and_baseline(spec: Regression
 def test_all_within_tolerance_passes(spec: RegressionSpec, root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checks = [_check("coco128/faster-rcnn_r50_fpn_1x_coco", root, tmp_path)]
     spec = dataclasses.replace(spec, baselines={"cpu": _entry(checks)}, overfit=None)
-    verdict = judge(spec, checks, {checks[0].id: _outcome({**METRICS, "final_loss": 2.3816 * 1.005})}, device_class="cpu",
+    verdict = judge_checks(spec, checks, {checks[0].id: _outcome({**METRICS, "final_loss": 2.3816 * 1.005})}, device_class="cpu",
                     data_missing=False)  # fmt: skip
     assert verdict.passed
     print_judgement(verdict, spec, checks, device_class="cpu")
@@ -189,14 +189,14 @@ def test_other_data_other_device_failed_cell_and_missing_baseline_fail(spec: Reg
     entry = _entry([a, b])
     spec = dataclasses.replace(spec, baselines={"cpu": entry}, overfit=None)
     (root / TRAIN_ANN).write_text((root / TRAIN_ANN).read_text().replace('"person"', '"people"'))
-    verdict = judge(spec, [a, b], {"coco128/a": _outcome(), "coco128/b": _outcome(status="failed", error="Traceback\nRuntimeError: boom")},
+    verdict = judge_checks(spec, [a, b], {"coco128/a": _outcome(), "coco128/b": _outcome(status="failed", error="Traceback\nRuntimeError: boom")},
                     device_class="cpu", data_missing=False)  # fmt: skip
     assert "trained on other data than the baseline" in verdict.checks[0].problems[0]
     assert "the cell failed: RuntimeError: boom" in verdict.checks[1].problems[0]
-    on_gpu = judge(spec, [a], {"coco128/a": _outcome()}, device_class="H200", data_missing=False)
+    on_gpu = judge_checks(spec, [a], {"coco128/a": _outcome()}, device_class="H200", data_missing=False)
     assert not on_gpu.passed and "no baseline for device class 'H200'" in on_gpu.problems[0]
     lacking = dataclasses.replace(spec, baselines={"cpu": {**entry, "checks": {}}})
-    assert "no baseline for this check" in judge(lacking, [a], {"coco128/a": _outcome()}, device_class="cpu",
+    assert "no baseline for this check" in judge_checks(lacking, [a], {"coco128/a": _outcome()}, device_class="cpu",
                                                  data_missing=False).checks[0].problems[0]  # fmt: skip
 
 
@@ -204,7 +204,7 @@ def test_changed_spec_is_said_but_metrics_decide(spec: RegressionSpec, root: Pat
     a = _check("coco128/a", root, tmp_path)
     spec = dataclasses.replace(spec, baselines={"cpu": _entry([a])}, overfit=None)
     a.job.spec["run"]["max_iters"] = 9
-    verdict = judge(spec, [a], {"coco128/a": _outcome()}, device_class="cpu", data_missing=False)
+    verdict = judge_checks(spec, [a], {"coco128/a": _outcome()}, device_class="cpu", data_missing=False)
     assert verdict.passed and "spec sha256 changed" in verdict.checks[0].notes[0]
 
 
@@ -217,12 +217,12 @@ def test_overfit_floor_and_determinism(spec: RegressionSpec, root: Path, tmp_pat
     learned = {**METRICS, **{m: v + 0.1 for m, v in spec.overfit.require.items()}}
     spec = dataclasses.replace(spec, baselines={"cpu": _entry([over, first]) | {}})
     spec.baselines["cpu"]["checks"][over.id]["metrics"] = learned
-    ok = judge(spec, [over, first, rerun], {over.id: _outcome(learned), first.id: _outcome(), rerun.id: _outcome()},
+    ok = judge_checks(spec, [over, first, rerun], {over.id: _outcome(learned), first.id: _outcome(), rerun.id: _outcome()},
                device_class="cpu", data_missing=False)  # fmt: skip
     assert ok.passed and "identical" in ok.checks[2].notes[0] and "learned" in ok.checks[0].notes[0]
     dull = {**learned, metric: floor - 0.01}
     tiny = {**METRICS, "log/loss@8": METRICS["log/loss@8"] + 1e-12}  # within tolerance, but not identical
-    bad = judge(spec, [over, first, rerun], {over.id: _outcome(dull), first.id: _outcome(), rerun.id: _outcome(tiny)},
+    bad = judge_checks(spec, [over, first, rerun], {over.id: _outcome(dull), first.id: _outcome(), rerun.id: _outcome(tiny)},
                 device_class="cpu", data_missing=False)  # fmt: skip
     assert "the detector did not learn" in bad.checks[0].problems[0] and metric in bad.checks[0].problems[0]
     assert bad.checks[1].passed
