@@ -153,9 +153,11 @@ def run_config(
     seed: int,
     pretrained_path: Path | None = None,
     load_from_path: Path | None = None,
+    progress: bool = True,
 ) -> RunConfig:
-    """The `RunConfig` of one (cell, seed) from the profile; val files only where they exist."""
+    """The `RunConfig` of one (cell, seed) from the profile and its budget; val files only where they exist."""
     has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
+    budget = profile.budget
     return RunConfig(
         data_root=str(data_root),
         train_ann=TRAIN_ANN,
@@ -166,16 +168,18 @@ def run_config(
         seed=seed,
         images_per_gpu=profile.images_per_gpu,
         workers=profile.workers,
-        max_iters=profile.max_iters,
-        image_scale=profile.image_scale,
-        proposal_cap=profile.proposal_cap,
-        eval_max_images=profile.eval_max_images,
-        checkpoint_interval=profile.checkpoint_interval,
-        log_interval=profile.log_interval,
-        bench_images=profile.bench_images,
+        max_iters=budget.max_iters,
+        warmup_iters=budget.warmup_iters,
+        image_scale=budget.image_scale,
+        proposal_cap=budget.proposal_cap,
+        eval_max_images=budget.eval_max_images,
+        checkpoint_interval=budget.checkpoint_interval,
+        log_interval=budget.log_interval,
+        bench_images=budget.bench_images,
         bench_detections=profile.bench_detections,
         pretrained_path=str(pretrained_path) if pretrained_path else None,
         load_from_path=str(load_from_path) if load_from_path else None,
+        progress=progress,
     )
 
 
@@ -273,6 +277,8 @@ def plan_run(
     require_pretrained: bool = False,
     data: DataCheck | None = None,
     classes: str | None = None,
+    configure: Callable[[DetectorConfig], DetectorConfig] | None = None,
+    progress: bool = True,
 ) -> list[CellJob]:
     """One `CellJob` per (cell, seed), in matrix order then seed order.
 
@@ -282,6 +288,8 @@ def plan_run(
 
     `data` (the validated splits, `check_data`): each cell's categories are checked against them;
     `classes="dataset"` (or a cell's axis `classes: dataset`) trains the file's own categories.
+    `configure` changes each cell's recipe on purpose (the regression's overfit check does);
+    `progress` False keeps the cells' live progress lines out of the terminal.
     """
 
     check_name("matrix", matrix.name)
@@ -290,6 +298,8 @@ def plan_run(
         cfg = cell.config
         if data is not None:
             cfg = data.fit(cell.name, cfg, from_dataset=classes == "dataset" or cell.axes.get("classes") == "dataset")
+        if configure is not None:
+            cfg = configure(cfg)
         resolved.append((cell, cfg, cannot_build(cfg)))
     used = {name for _c, cfg, _p in resolved for name in (cfg.pretrained, cfg.load_from) if name}
     unknown = sorted(set(pretrained) - used)
@@ -305,7 +315,7 @@ def plan_run(
             run = run_config(
                 profile, data_root=data_root, device=device, seed=seed,
                 pretrained_path=pretrained.get(cfg.pretrained) if cfg.pretrained else None,
-                load_from_path=pretrained.get(cfg.load_from) if cfg.load_from else None,
+                load_from_path=pretrained.get(cfg.load_from) if cfg.load_from else None, progress=progress,
             )  # fmt: skip
             jobs.append(CellJob(
                 name=cell.name, matrix=matrix.name, profile=profile.name, seed=seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,12 +20,14 @@ from detector.api import AXES, DEFAULT_AXES, ConfigError, DetectorConfig, resolv
 from harness.errors import UserError
 from harness.matrix import naming
 from harness.matrix.spec import (
+    BUDGET_LIMITS,
     COMPARE_MODES,
     DEFAULT_MATRIX,
     DERIVED_COLUMNS,
     METRIC_COLUMNS,
     NO_SECTION,
     NOT_PUBLISHED,
+    Budget,
     Cell,
     MatrixSpec,
     Profile,
@@ -43,11 +45,12 @@ _CELL_KEYS = ("aliases", "published", "download", "log", "notes")
 _TABLE_KEYS = ("id", "heading", "intro", "columns", "rows")
 _ROW_KEYS = ("cell", "labels", "printed", "links")
 _PUBLISHED_KEYS = tuple(m.column for m in METRICS)
-_PROFILE_FIELDS = ("data", "compare", "max_iters", "image_scale", "images_per_gpu", "workers", "eval_max_images",
-                   "bench_images", "checkpoint_interval", "synth_images", "proposal_cap", "log_interval", "synth_size",
+# A profile's YAML is flat: its budget fields (`Budget`, limits in `BUDGET_LIMITS`) beside the rest.
+_BUDGET_FIELDS = tuple(f.name for f in fields(Budget))
+_PROFILE_FIELDS = ("data", "compare", *_BUDGET_FIELDS, "images_per_gpu", "workers", "synth_images", "synth_size",
                    "bench_detections", "cells")
-
-_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50, "synth_size": None, "bench_detections": False}
+_OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50, "warmup_iters": None, "synth_size": None,
+                            "bench_detections": False}
 
 
 class _Ctx:
@@ -288,7 +291,17 @@ def _bundled_profiles(path: Path) -> dict[str, Profile]:
 
 
 def _replace_cells(p: Profile) -> Profile:
-    return Profile(**{**{f: getattr(p, f) for f in _PROFILE_FIELDS}, "name": p.name, "cells": ()})
+    return replace(p, cells=())
+
+
+def _flat(p: Profile) -> dict[str, Any]:
+    """A profile's fields as its YAML writes them (the budget's beside the rest), for `extends`."""
+    return {**{f: getattr(p.budget, f) for f in _BUDGET_FIELDS}, **{f: getattr(p, f) for f in _PROFILE_FIELDS if f not in _BUDGET_FIELDS}}
+
+
+def _profile(name: str, flat: dict[str, Any]) -> Profile:
+    budget = Budget(**{f: flat[f] for f in _BUDGET_FIELDS})
+    return Profile(name=name, budget=budget, **{k: v for k, v in flat.items() if k not in _BUDGET_FIELDS})
 
 
 def _inherited_profiles(path: Path) -> dict[str, Profile]:
@@ -312,12 +325,12 @@ def _profiles(ctx: _Ctx, raw: Any, inherited: dict[str, Profile]) -> dict[str, P
         parent = out.get(str(parent_name)) if parent_name is not None else None
         if parent_name is not None and parent is None:
             ctx.fail(f"extends unknown profile {parent_name!r}", field=f"profiles.{name}.extends", allowed=list(out))
-        base = {f: getattr(parent, f) for f in _PROFILE_FIELDS} if parent else {}
+        base = _flat(parent) if parent else {}
         missing = [f for f in _PROFILE_FIELDS if f not in fields and f not in base and f not in _OPTIONAL_PROFILE_FIELDS]
         if missing:
             ctx.fail(f"missing fields {missing}", field=f"profiles.{name}", allowed=list(_PROFILE_FIELDS))
         merged = {**_OPTIONAL_PROFILE_FIELDS, **base, **{k: _profile_field(ctx, name, k, v) for k, v in fields.items()}}
-        out[name] = Profile(name=name, **merged)
+        out[name] = _profile(name, merged)
     return out
 
 
@@ -350,12 +363,12 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
             return None
         if not isinstance(value, list) or len(value) != 2:
             ctx.fail(f"expected [{'long, short' if key == 'image_scale' else 'width, height'}] or null, got {value!r}", field=where)
-        return (integer(value[0], 64 if key == "synth_size" else 1, False), integer(value[1], 64 if key == "synth_size" else 1, False))
+        low = 64 if key == "synth_size" else BUDGET_LIMITS[key][0]
+        return (integer(value[0], low, False), integer(value[1], low, False))
     if key == "cells":
         return tuple(ctx.text(v, where) for v in ctx.seq(value, where))
-    minimum = {"images_per_gpu": 1, "checkpoint_interval": 1, "max_iters": 1, "eval_max_images": 1, "proposal_cap": 1,
-               "log_interval": 1}.get(key, 0)
-    return integer(value, minimum, nullable=key in ("max_iters", "eval_max_images", "proposal_cap", "checkpoint_interval"))
+    minimum, nullable = BUDGET_LIMITS.get(key, ({"images_per_gpu": 1}.get(key, 0), False))
+    return integer(value, minimum, nullable=nullable)
 
 
 def load_matrix(name_or_path: str | Path, *, matrices_dir: Path | None = None) -> MatrixSpec:

@@ -97,22 +97,40 @@ class Table:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Budget:
+    """How much of its recipe a run does and what it measures: the one budget type of a profile, of
+    a regression check (`matrices/baselines/`) and, through `execute.plan.run_config`, of a RunConfig.
+    None means the recipe's own (all its epochs, its image scale, every val image, its RoI counts)."""
+
+    max_iters: int | None = None
+    image_scale: tuple[int, int] | None = None  # (long, short)
+    eval_max_images: int | None = None
+    # Iterations between loss lines in log.jsonl (mmdet's LoggerHook default 50); the toy profiles
+    # train a few iterations, so they log every one or their loss curves would be a single point.
+    log_interval: int = 50
+    warmup_iters: int | None = None  # None: the recipe's 500, capped at a third of max_iters
+    proposal_cap: int | None = None  # caps RPN / RoI counts for toy budgets (a recorded deviation)
+    checkpoint_interval: int | None = 1000  # None: no checkpoints (toy profiles re-run in seconds)
+    bench_images: int = 0  # fps over this many images after training; 0: no fps measurement
+
+
+# The limits of each budget field, written once: (minimum, may be null). The matrix's profiles and
+# the baselines file are both checked against them.
+BUDGET_LIMITS: dict[str, tuple[int, bool]] = {
+    "max_iters": (1, True), "image_scale": (32, True), "eval_max_images": (1, True), "log_interval": (1, False),
+    "warmup_iters": (0, True), "proposal_cap": (1, True), "checkpoint_interval": (1, True), "bench_images": (0, False),
+}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     name: str
     data: str  # "synthetic", "none" (--data required) or an absolute path
     compare: str  # one of COMPARE_MODES
-    max_iters: int | None
-    image_scale: tuple[int, int] | None  # (long, short)
+    budget: Budget
     images_per_gpu: int
     workers: int
-    eval_max_images: int | None
-    bench_images: int
-    checkpoint_interval: int | None  # None: no checkpoints (toy profiles)
     synth_images: int
-    proposal_cap: int | None = None  # caps RPN / RoI counts for toy profiles (a recorded deviation)
-    # Iterations between loss lines in log.jsonl (mmdet's LoggerHook default 50); the toy profiles
-    # train a few iterations, so they log every one or their loss curves would be a single point.
-    log_interval: int = 50
     # Synthetic images' (width, height); None: the generator's default 320 x 240. The hardware profile
     # asks for the recipe's largest image (1333 x 800): both images of a batch then pad to 1344 x 800.
     synth_size: tuple[int, int] | None = None
@@ -237,5 +255,5 @@ def expand_matrix(axes: Mapping[str, Sequence[str]], include: Sequence[Mapping[s
     return combos + added
 
 
-__all__ = ["Cell", "MatrixSpec", "Profile", "Published", "Row", "Table", "PublishedTolerances", "expand_matrix",
+__all__ = ["BUDGET_LIMITS", "Budget", "Cell", "MatrixSpec", "Profile", "Published", "Row", "Table", "PublishedTolerances", "expand_matrix",
            "matrices_dir", "repo_root"]

@@ -336,12 +336,12 @@ def _delta_text(cmp: dict[str, Any], published: float | None) -> str:
 
 def _profile_text(prof: Profile) -> str:
     parts = [f"`{prof.name}`"]
-    parts.append("recipe epochs" if prof.max_iters is None else f"{prof.max_iters} iterations")
-    parts.append("recipe image scale (1333, 800)" if prof.image_scale is None else f"image scale {tuple(prof.image_scale)}")
+    parts.append("recipe epochs" if prof.budget.max_iters is None else f"{prof.budget.max_iters} iterations")
+    parts.append("recipe image scale (1333, 800)" if prof.budget.image_scale is None else f"image scale {tuple(prof.budget.image_scale)}")
     parts.append(f"{prof.images_per_gpu} images per GPU")
-    if prof.eval_max_images is not None:
-        parts.append(f"evaluation on the first {prof.eval_max_images} images")
-    parts.append(f"fps over {prof.bench_images} images" if prof.bench_images else "no fps measurement")
+    if prof.budget.eval_max_images is not None:
+        parts.append(f"evaluation on the first {prof.budget.eval_max_images} images")
+    parts.append(f"fps over {prof.budget.bench_images} images" if prof.budget.bench_images else "no fps measurement")
     parts.append({"published": "compared with the published numbers", "baselines": "compared with stored CI baselines",
                   "none": "compared with nothing (a build-train-evaluate check)",
                   "hardware": "Mem and fps compared with the published numbers (no AP)"}.get(prof.compare, prof.compare))
@@ -400,7 +400,7 @@ def _dataset_text(runs: pd.DataFrame, prof: Profile) -> str:
 def _measurement(matrix: MatrixSpec, prof: Profile | None) -> dict[str, Any]:
     """Numbers the "How these numbers were measured" section of the template quotes."""
     tol = matrix.tolerances
-    short = prof is not None and (prof.max_iters is not None or prof.image_scale is not None)
+    short = prof is not None and (prof.budget.max_iters is not None or prof.budget.image_scale is not None)
     return {
         "ap_pass": tol.box_ap_pass, "ap_warn": tol.box_ap_warn, "mem_rel": f"{tol.mem_rel:.0%}",
         "fps_rel": f"{FPS_REL:.0%}", "device_class": PUBLISHED_DEVICE_CLASS, "fps_mark": FPS_MARK,

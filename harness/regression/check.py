@@ -27,9 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from detector.api import DetectorConfig
 from harness.errors import UserError
 from harness.execute import machine
+from harness.execute.runner import CellJob
 from harness.regression.baselines import (
+    Overfit,
     RegressionSpec,
     default_path,
     load_spec,
@@ -52,7 +55,7 @@ class Check:
 
     id: str
     kind: str  # "compare" (vs baseline), "overfit" (vs baseline and a floor), "rerun" (vs its twin)
-    job: Any  # harness.execute.runner.CellJob
+    job: CellJob
     twin: str | None = None  # rerun: the id of the check it must reproduce exactly
 
 
@@ -137,10 +140,14 @@ def needs_data(spec: RegressionSpec, only: Sequence[str] = ()) -> bool:
 
 def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path, device: str,
                 only: Sequence[str] = (), log: Log = print) -> list[Check]:  # fmt: skip
-    """The checks to run, the longest (overfit) first so that the short ones fill the other slots."""
+    """The checks to run, the longest (overfit) first so that the short ones fill the other slots.
+
+    Each check is planned by `execute.plan.plan_run`, the planner of `harness run`, with the profile
+    overridden (named after the suite, the spec's budget) and, for the overfit check, its recipe
+    changes; the regression adds only its own checks (overfit floor, determinism twin).
+    """
     from harness.execute.cells import cell_dir
-    from harness.execute.plan import run_config, synthetic_root
-    from harness.execute.runner import CellJob
+    from harness.execute.plan import plan_run, synthetic_root
     from harness.matrix.parse import load_matrix
 
     matrix = load_matrix(spec.matrix)
@@ -157,40 +164,25 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
         if cell.axes.get("precision") == "amp" and not amp_ok:
             log(f"note: {check_id} not run: {amp_why}")
             continue
-        budget, cfg = spec.budget, cell.config
+        configure: Callable[[DetectorConfig], DetectorConfig] | None = None
         if suite_name == "overfit":
             if data_root is None:
                 continue
             over = spec.overfit
             assert over is not None
             root = roots.setdefault("overfit", overfit_root(base, data_root, over.images))
-            budget = over.budget
-            clip = over.grad_clip if over.grad_clip is not None else cfg.schedule.grad_clip
-            sched = dataclasses.replace(cfg.schedule, lr=over.lr, base_batch_size=profile.images_per_gpu,
-                                        grad_clip=clip)
-            cfg = dataclasses.replace(cfg, schedule=sched, data=dataclasses.replace(cfg.data, flip_prob=over.flip_prob))
+            budget, configure = over.budget, _overfit_recipe(over, images_per_gpu=profile.images_per_gpu)
         else:
             suite = next(s for s in spec.suites if s.name == suite_name)
             if suite.data == "given" and data_root is None:
                 continue
             if suite_name not in roots:
-                if suite.data == "given" and data_root is not None:
-                    roots[suite_name] = data_root
-                else:
-                    roots[suite_name] = synthetic_root(base, images=suite.images, seed=spec.seed)
-            root = roots[suite_name]
-        run = run_config(profile, data_root=root, device=device, seed=spec.seed)
-        run = dataclasses.replace(
-            run, max_iters=budget.max_iters, image_scale=budget.image_scale, eval_max_images=budget.eval_max_images,
-            log_interval=budget.log_interval, warmup_iters=budget.warmup_iters, checkpoint_interval=budget.max_iters,
-            proposal_cap=budget.proposal_cap,
-            bench_images=0, progress=False,
-        )  # fmt: skip
-        job = CellJob(
-            name=cell.name, matrix=matrix.name, profile=suite_name, seed=spec.seed,
-            folder=cell_dir(base, matrix.name, suite_name, cell.name, spec.seed),
-            spec={"config": cfg.to_dict(), "run": run.to_dict()}, axes=dict(cell.axes), notes=tuple(cfg.notes),
-        )  # fmt: skip
+                given = data_root if suite.data == "given" else None
+                roots[suite_name] = given if given is not None else synthetic_root(base, images=suite.images, seed=spec.seed)
+            root, budget = roots[suite_name], spec.budget
+        suite_profile = dataclasses.replace(profile, name=suite_name, budget=budget)
+        [job] = plan_run(matrix, suite_profile, cells=[cell], seeds=[spec.seed], runs_dir=base, data_root=root,
+                         device=device, pretrained={}, configure=configure, progress=False)  # fmt: skip
         checks.append(Check(id=check_id, kind="overfit" if suite_name == "overfit" else "compare", job=job))
     twin = next((c for c in checks if c.id == spec.determinism), None)
     if spec.determinism and twin is not None:
@@ -201,6 +193,18 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
             job = dataclasses.replace(twin.job, profile="determinism", folder=folder)
             checks.append(Check(id=f"determinism/{twin.job.name}", kind="rerun", job=job, twin=twin.id))
     return checks
+
+
+def _overfit_recipe(over: Overfit, *, images_per_gpu: int) -> Callable[[DetectorConfig], DetectorConfig]:
+    """The overfit check's recipe changes (its `deviations`): its lr without linear rescaling (the
+    base batch is the real one), its gradient clip, and no flips."""
+
+    def configure(cfg: DetectorConfig) -> DetectorConfig:
+        clip = over.grad_clip if over.grad_clip is not None else cfg.schedule.grad_clip
+        sched = dataclasses.replace(cfg.schedule, lr=over.lr, base_batch_size=images_per_gpu, grad_clip=clip)
+        return dataclasses.replace(cfg, schedule=sched, data=dataclasses.replace(cfg.data, flip_prob=over.flip_prob))
+
+    return configure
 
 
 def amp_supported(device: str) -> tuple[bool, str]:

@@ -96,8 +96,8 @@ def scope_of(profile: Profile) -> Scope:
     what Mem and fps need and AP does not get.
     """
     name, mode, data = profile.name, profile.compare, profile.data
-    if mode in ("published", "hardware") and profile.image_scale is not None:
-        return Scope(metrics=frozenset(), reason=f"profile {name} trains at {profile.image_scale}, not the recipe's (1333, 800)")
+    if mode in ("published", "hardware") and profile.budget.image_scale is not None:
+        return Scope(metrics=frozenset(), reason=f"profile {name} trains at {profile.budget.image_scale}, not the recipe's (1333, 800)")
     if mode == "hardware":
         return Scope(metrics=frozenset({"mem", "fps"}),
                      reason=f"profile {name} measures Mem and fps at full scale; its box AP is from a few iterations")  # fmt: skip
@@ -105,8 +105,8 @@ def scope_of(profile: Profile) -> Scope:
         against = "stored baselines (`harness regression`)" if mode == "baselines" else "nothing"
         scale = "synthetic data" if data == "synthetic" else "a small subset"
         return Scope(metrics=frozenset(), reason=f"profile {name} is toy scale ({scale}, short budget) and compares against {against}")
-    if profile.max_iters is not None:
-        return Scope(metrics=frozenset(), reason=f"profile {name} stops at {profile.max_iters} iterations, not the recipe's epochs")
+    if profile.budget.max_iters is not None:
+        return Scope(metrics=frozenset(), reason=f"profile {name} stops at {profile.budget.max_iters} iterations, not the recipe's epochs")
     return Scope(metrics=frozenset(m.key for m in METRICS))
 
 

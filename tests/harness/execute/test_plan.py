@@ -51,12 +51,12 @@ def test_run_config_from_profile(tmp_path: Path) -> None:
     run = planning.run_config(smoke, data_root=root, device="cpu", seed=4)
     assert isinstance(run, RunConfig)
     assert run.val_ann is None and run.val_images is None  # no val split: evaluation uses train
-    assert (run.max_iters, run.image_scale, run.images_per_gpu, run.seed) == (smoke.max_iters, smoke.image_scale, smoke.images_per_gpu, 4)
+    assert (run.max_iters, run.image_scale, run.images_per_gpu, run.seed) == (smoke.budget.max_iters, smoke.budget.image_scale, smoke.images_per_gpu, 4)
     assert (run.eval_max_images, run.bench_images, run.checkpoint_interval, run.workers) == (
-        smoke.eval_max_images, smoke.bench_images, smoke.checkpoint_interval, smoke.workers,
+        smoke.budget.eval_max_images, smoke.budget.bench_images, smoke.budget.checkpoint_interval, smoke.workers,
     )  # fmt: skip
     # The smoke profile trains a few iterations: every one is logged, so its loss curve has points.
-    assert run.log_interval == smoke.log_interval == 1
+    assert run.log_interval == smoke.budget.log_interval == 1
     assert run.checkpoint_interval is None  # no checkpoints: a smoke cell re-runs in seconds
     with_val = planning.run_config(smoke, data_root=_coco_root(tmp_path / "v", val=True), device="cpu", seed=0)
     assert with_val.val_ann == "annotations/instances_val2017.json" and with_val.val_images == "val2017"

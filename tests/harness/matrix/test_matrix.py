@@ -187,12 +187,12 @@ def test_every_cell_resolves_to_its_recipe(spec: MatrixSpec) -> None:
 def test_profiles_and_tolerances(spec: MatrixSpec) -> None:
     assert set(spec.profiles) == {"smoke", "ci", "hardware", "full"}
     smoke, ci, full = spec.profile("smoke"), spec.profile("ci"), spec.profile("full")
-    assert (smoke.data, smoke.compare, smoke.image_scale, smoke.cells) == ("synthetic", "none", (160, 128), ())
-    assert ci.compare == "baselines" and ci.max_iters == 60
+    assert (smoke.data, smoke.compare, smoke.budget.image_scale, smoke.cells) == ("synthetic", "none", (160, 128), ())
+    assert ci.compare == "baselines" and ci.budget.max_iters == 60
     assert {c.name for c in spec.cells_for("ci")} == {
         "faster-rcnn_r50_fpn_1x_coco", "faster-rcnn_r50-caffe_fpn_1x_coco",
         "faster-rcnn_r50_fpn_giou_1x_coco", "faster-rcnn_r50_fpn_amp-1x_coco"}
-    assert (full.compare, full.max_iters, full.image_scale, full.eval_max_images) == ("published", None, None, None)
+    assert (full.compare, full.budget.max_iters, full.budget.image_scale, full.budget.eval_max_images) == ("published", None, None, None)
     with pytest.raises(UserError, match="profile full needs --data ROOT"):
         full.data_root()
     assert full.data_root("/data/coco") == "/data/coco"
@@ -316,7 +316,7 @@ def test_user_sweep_2x2_loads_and_inherits_profiles() -> None:
     bundled = load_matrix("faster_rcnn", matrices_dir=matrices_dir())
     assert set(spec.profiles) == set(bundled.profiles)
     assert spec.profile("ci").cells == () and len(spec.cells_for("ci")) == 4
-    assert spec.profile("smoke").max_iters == bundled.profile("smoke").max_iters
+    assert spec.profile("smoke").budget.max_iters == bundled.profile("smoke").budget.max_iters
     assert [c.name for c in spec.select(["*giou*"])] == ["faster-rcnn_r50_fpn_giou_1x_coco", "faster-rcnn_r101_fpn_giou_1x_coco"]
 
 
@@ -329,10 +329,10 @@ def test_user_profile_overrides_and_extends(tmp_path: Path) -> None:
           mine: {extends: full, data: data, max_iters: 100}
         """)
     spec = load_matrix(str(path))
-    assert spec.profile("smoke").max_iters == 3 and spec.profile("smoke").image_scale == (160, 128)
+    assert spec.profile("smoke").budget.max_iters == 3 and spec.profile("smoke").budget.image_scale == (160, 128)
     mine = spec.profile("mine")
-    assert mine.compare == "published" and mine.data == str((tmp_path / "data").resolve()) and mine.max_iters == 100
-    assert mine.log_interval == 50  # not set anywhere on the chain: mmdet's LoggerHook default
+    assert mine.compare == "published" and mine.data == str((tmp_path / "data").resolve()) and mine.budget.max_iters == 100
+    assert mine.budget.log_interval == 50  # not set anywhere on the chain: mmdet's LoggerHook default
 
 
 def test_profile_intervals_must_be_positive(tmp_path: Path) -> None:
