@@ -28,23 +28,24 @@ def read_json(path: Path, what: str) -> Any:
         raise DataError(f"{what} {path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
 
 
-def write_json_atomic(path: Path, obj: Any, *, pretty: bool = False) -> None:
+def write_json_atomic(path: Path, obj: Any, *, indent: int | None = None, allow_nan: bool = True) -> None:
     """Write JSON to a temporary file in the target folder, then rename it into place: a reader, a
     crash or a full disk never leaves a half-written file under the target's name.
 
-    `pretty`: indented, a final newline and no NaN / Infinity (strict JSON, for files people read and
-    other tools parse); otherwise compact, and a non-finite loss is kept as JSON's `NaN`.
+    `indent`: indented with a final newline (files people read), else compact. `allow_nan`: a
+    non-finite number is written as JSON's `NaN` (a diverged loss in metrics.json); False refuses it
+    (strict JSON for the harness's own files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            if pretty:
-                json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False)
+            if indent is not None:
+                json.dump(obj, fh, indent=indent, allow_nan=allow_nan)
                 fh.write("\n")
             else:
-                fh.write(json.dumps(obj, separators=(",", ":")))
+                fh.write(json.dumps(obj, separators=(",", ":"), allow_nan=allow_nan))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -30,8 +30,10 @@ from detector import recipes
 from detector.bench import measure
 from detector.config import DetectorConfig, RunConfig
 from detector.errors import ConfigError
+from detector.jsonio import write_json_atomic
 from detector.train import checkpoint as ckpt
 from detector.train import engine, solver
+from detector.train.evaluate import evaluate_model
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
 
@@ -114,17 +116,11 @@ def _cycle(loader: torch.utils.data.DataLoader, n: int) -> Iterator[engine.Batch
     return islice(forever(), n)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, world: int,
              device: torch.device) -> dict[str, Any]:  # fmt: skip
     """Train, evaluate and measure; returns the metrics dict (rank 0's is complete)."""
     from detector.data import coco as D
-    from detector.data.coco_eval import METRIC_KEYS, detections_to_coco, evaluate
+    from detector.data.coco_eval import METRIC_KEYS
     from detector.model.faster_rcnn import build_detector
 
     try:
@@ -198,21 +194,10 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         deviations.append(f"evaluated on {eval_set.split} ({run.val_ann} not found under {run.data_root})")
     if run.eval_max_images is not None and len(eval_set) < len(eval_set.coco.imgs):
         deviations.append(f"evaluated on the first {len(eval_set)} of {len(eval_set.coco.imgs)} {eval_set.split} images")
-    test_loader = D.build_test_loader(eval_set, run.workers, rank, world)
-    test_loader.generator = torch.Generator().manual_seed(run.seed)
-    outputs, metas = engine.predict(model, test_loader, device=device, progress=run.progress and rank == 0,
-                                    total=len(test_loader))  # fmt: skip
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (outputs, metas))
-        outputs = [o for part, _ in gathered for o in part]
-        metas = [m for _, part in gathered for m in part]
-    coco: dict[str, float] = {}
-    if rank == 0:
-        dets = detections_to_coco(outputs, metas, eval_set.label_to_cat_id)
-        stats = evaluate(eval_set.coco, dets, cat_ids=eval_set.cat_ids, img_ids=eval_set.image_ids,
-                         source=f"detections of {cell_dir.name}")  # fmt: skip
-        coco = {k: stats[k] for k in METRIC_KEYS}  # mmdet CocoMetric keys, fractions (ARCHITECTURE.md)
+    stats = evaluate_model(model, eval_set, device=device, workers=run.workers, source=f"detections of {cell_dir.name}",
+                           seed=run.seed, rank=rank, world=world, progress=run.progress and rank == 0)  # fmt: skip
+    # mmdet CocoMetric keys, fractions (ARCHITECTURE.md); rank 0 only
+    coco: dict[str, float] = {k: stats[k] for k in METRIC_KEYS} if stats is not None else {}
     eval_time = time.perf_counter() - t0
 
     fps: dict[str, Any] = {"fps": None, "images": 0, "precision": amp.name}
@@ -280,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run_cell(cell_dir, cfg, run, rank=rank, world=world, device=device)
         if rank == 0:
-            write_json_atomic(cell_dir / "metrics.json", metrics)
+            write_json_atomic(cell_dir / "metrics.json", metrics, indent=2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

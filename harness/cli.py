@@ -5,8 +5,8 @@ every function takes the parsed arguments and returns the exit code. Exit codes:
 failed or a comparison is out of tolerance; 2 bad input (one line `harness: error: ...`, no
 traceback); 130 interrupted.
 
-Turning a profile into cells to run (`plan_run`) lives here too: it is the one place that reads the
-profile, the flags and the matrix together, then hands `harness.execute.runner.run_jobs` a list of cell jobs.
+Each function parses nothing itself and decides nothing: planning is `harness.execute.plan`,
+tables `harness.results`, the page `harness.publish`, the CI checks `harness.regression`.
 """
 
 from __future__ import annotations

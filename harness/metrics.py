@@ -24,6 +24,7 @@ Rules (DESIGN.md "What the numbers mean"; ecosystem_anchors.md section 5):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -86,8 +87,7 @@ class Metric:
 
     def mark_for(self, value: object, context: object) -> str:
         """`mark` when a measured `value` is there but its `context` makes it not comparable."""
-        measured = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        return self.mark if self.context and measured and context != self.comparable else ""
+        return self.mark if self.context and finite(value) and context != self.comparable else ""
 
 
 def ap_verdict(low: float, high: float, published: float, *, pass_band: float, warn_band: float) -> Verdict:
@@ -161,11 +161,17 @@ BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 BY_TITLE: dict[str, Metric] = {m.title: m for m in METRICS}
 
 
+def finite(x: object) -> bool:
+    """A finite real number and not a bool: what a measured value must be to be shown or judged
+    (pandas gives NaN for a missing one, numpy its own scalar types)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
 def _nan(x: float) -> bool:
     return isinstance(x, float) and math.isnan(x)
 
 
 __all__ = [
     "BY_KEY", "BY_TITLE", "COMPARABLE_MEM_KIND", "EPS", "FPS_REL", "METRICS", "Measured", "Metric",
-    "PUBLISHED_DEVICE_CLASS", "PublishedTolerances", "Verdict", "ap_verdict", "fps_verdict", "mem_verdict",
+    "PUBLISHED_DEVICE_CLASS", "PublishedTolerances", "Verdict", "ap_verdict", "finite", "fps_verdict", "mem_verdict",
 ]  # fmt: skip

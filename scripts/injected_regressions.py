@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (file, exact old text, new text): the faults the regression check exists to catch.
 FAULTS: dict[str, tuple[str, str, str]] = {
     "off-by-one loss normalisation": (
-        "detector/roi_heads.py", "avg_factor = max(rois.shape[0], 1)", "avg_factor = max(rois.shape[0], 1) + 1"),
+        "detector/model/roi_heads.py", "avg_factor = max(rois.shape[0], 1)", "avg_factor = max(rois.shape[0], 1) + 1"),
     "wrong lr (0.02 -> 0.01)": ("detector/config.py", "    lr: float = 0.02", "    lr: float = 0.01"),
     "swapped box coder stds": (
         "detector/config.py", "target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)",

@@ -104,8 +104,4 @@ def inside_flags(anchors: Tensor, valid: Tensor, image_size: tuple[int, int] | T
     )
 
 
-def num_anchors_per_location(scales: tuple[float, ...], ratios: tuple[float, ...]) -> int:
-    return len(scales) * len(ratios)
-
-
-__all__ = ["AnchorGenerator", "base_anchors", "inside_flags", "num_anchors_per_location"]
+__all__ = ["AnchorGenerator", "base_anchors", "inside_flags"]

@@ -168,7 +168,7 @@ def set_fold_bn_(module: nn.Module, enabled: bool) -> None:
     """Fold frozen-statistics BN into the preceding conv (`conv_bn`) everywhere in `module`, or not:
     the unfolded path is kept to check that the folded one computes the same thing."""
     for m in module.modules():
-        if isinstance(m, Bottleneck):
+        if isinstance(m, (Bottleneck, ResNet)):  # the modules with a conv_bn
             m.fold_bn = enabled
 
 

@@ -487,9 +487,8 @@ def verify(
         the file recorded class names that were compared).
     """
     from detector.data import coco as data
-    from detector.data import coco_eval
     from detector.model.faster_rcnn import build_detector
-    from detector.train import engine  # late: the engine imports this module
+    from detector.train.evaluate import evaluate_model  # late: only verifying needs the data pipeline and the loop
 
     run = RunConfig(data_root=str(data_root), device=device, eval_max_images=max_images, workers=workers)
     dataset = data.build_dataset(cfg, run, train=False)
@@ -505,12 +504,9 @@ def verify(
     report = _load_detector(model, obj, checkpoint, cfg=cfg, classes=dataset.class_names, finetune=False)
     dev = torch.device(device)
     model.to(dev).eval()
-    loader = data.build_test_loader(dataset, workers=workers)
-    outputs, metas = engine.predict(model, loader, device=dev, progress=progress, total=len(dataset))
-    detections = coco_eval.detections_to_coco(outputs, metas, dataset.label_to_cat_id)
     # Only the images that were run count (all of them unless max_images), as mmdet scores its whole split.
-    stats = coco_eval.evaluate(dataset.coco, detections, cat_ids=dataset.label_to_cat_id, img_ids=dataset.image_ids,
-                               source=f"detections of {checkpoint}")
+    stats = evaluate_model(model, dataset, device=dev, workers=workers, source=f"detections of {checkpoint}", progress=progress)
+    assert stats is not None  # one process: rank 0
     return {
         **stats,
         "box_ap": round(stats["bbox_mAP"] * 100, 1),

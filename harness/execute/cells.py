@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from typing import Any
 
 from detector.api import write_json_atomic as _write_json_atomic
 from harness.errors import UserError
+from harness.matrix import naming
 
 SPEC, METRICS, RESULT, LOG = "spec.json", "metrics.json", "result.json", "log.jsonl"
 STDOUT, LOCK = "stdout.txt", ".lock"
@@ -44,14 +44,13 @@ PREVIOUS = "_previous"
 FINISHED = ("ok", "skipped")
 # Outputs of one attempt; moved aside when the config changed or a re-run is forced.
 _OUTPUTS = (SPEC, METRICS, RESULT, LOG, STDOUT, "checkpoints")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _TAIL_LINES = 15
 
 
 def check_name(kind: str, name: str) -> str:
     """A matrix, profile or cell name that is safe as one path component; UserError otherwise."""
-    if not _NAME.fullmatch(name) or name in (".", ".."):
-        raise UserError(f"{kind} name {name!r} cannot be a folder name; allowed: letters, digits, '.', '_', '+', '-'")
+    if not naming.is_safe_name(name):  # the matrix's rule for cell and profile names, written once
+        raise UserError(f"{kind} name {name!r} cannot be a folder name; allowed: letters, digits, '.', '_', '-'")
     return name
 
 
@@ -69,7 +68,7 @@ def cell_dir(runs_dir: Path, matrix: str, profile: str, cell: str, seed: int) ->
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """`result.json`, `spec.json` and the other files of a cell folder: strict, indented, atomic."""
-    _write_json_atomic(path, obj, pretty=True)
+    _write_json_atomic(path, obj, indent=2, allow_nan=False)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

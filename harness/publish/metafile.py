@@ -9,8 +9,6 @@ and written with `yaml.safe_dump`, so the file always parses with `yaml.safe_loa
 
 from __future__ import annotations
 
-import math
-import numbers
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import pandas as pd
 import yaml
 
 from harness.matrix.spec import Cell, MatrixSpec
-from harness.metrics import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS
+from harness.metrics import COMPARABLE_MEM_KIND, PUBLISHED_DEVICE_CLASS, finite
 
 PUBLISHED_HARDWARE = PUBLISHED_DEVICE_CLASS
 # MMDetection writes resolution as (h, w) of the test scale (reference 1.5 "Metafile" column).
@@ -58,23 +56,23 @@ def measured_metafile(matrix: MatrixSpec, compared: pd.DataFrame, runs: pd.DataF
     models = []
     resources: set[str] = set()
     for row in compared.itertuples(index=False):
-        if row.n_seeds == 0 or not _finite(row.box_ap):
+        if row.n_seeds == 0 or not finite(row.box_ap):
             continue
         cell = matrix.cell(row.name)
         first = ok[ok["name"] == row.name].iloc[0]
         meta: dict[str, Any] = {}
-        if _finite(row.mem_gb):
+        if finite(row.mem_gb):
             meta["Training Memory (GB)"] = round(float(row.mem_gb), 1)
             if row.mem_kind != COMPARABLE_MEM_KIND:
                 meta["Training Memory kind"] = str(row.mem_kind)  # e.g. CPU peak RSS: not the published kind
-        if _finite(row.fps) and row.fps > 0:
+        if finite(row.fps) and row.fps > 0:
             meta["inference time (ms/im)"] = [_inference(
                 1000.0 / float(row.fps), str(first["device_class"] or first["device"] or "unknown"),
                 _mode(None, first["fps_precision"]), _resolution(first["image_scale"]))]
-        if _finite(first["epochs"]):
+        if finite(first["epochs"]):
             epochs = round(float(first["epochs"]), 3)
             meta["Epochs"] = int(epochs) if epochs.is_integer() else epochs
-        if _finite(first["iters"]):
+        if finite(first["iters"]):
             meta["Iterations"] = int(first["iters"])
         if row.n_seeds > 1:
             meta["Seeds"] = int(row.n_seeds)
@@ -84,7 +82,7 @@ def measured_metafile(matrix: MatrixSpec, compared: pd.DataFrame, runs: pd.DataF
             model["Weights"] = _relative(weights, repo)
         models.append(model)
         if first["device"]:
-            world = int(first["world_size"]) if _finite(first["world_size"]) else 1
+            world = int(first["world_size"]) if finite(first["world_size"]) else 1
             resources.add(f"{world}x {first['device']}")
     collection = _collection(matrix, dataset, ", ".join(sorted(resources)) or "unknown")
     return {"Collections": [collection], "Models": models}
@@ -155,9 +153,6 @@ def _relative(path: Path, repo: Path | None) -> str:
             pass
     return str(path)
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 __all__ = ["measured_metafile", "published_metafile", "write_metafile"]

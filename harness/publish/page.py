@@ -16,8 +16,6 @@ re-running `harness report` on unchanged runs rewrites the same bytes.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,10 +34,9 @@ from harness.matrix.spec import (
     Table,
     repo_root,
 )
-from harness.metrics import BY_KEY, BY_TITLE, FPS_REL, METRICS, PUBLISHED_DEVICE_CLASS
+from harness.metrics import BY_KEY, BY_TITLE, FPS_REL, METRICS, PUBLISHED_DEVICE_CLASS, finite
 from harness.publish.metafile import (
     measured_metafile,
-    published_metafile,
     write_metafile,
 )
 from harness.publish.plots import plot_ap_vs_fps, plot_ap_vs_published, plot_loss_curves
@@ -78,12 +75,6 @@ PLOTS: tuple[tuple[str, str], ...] = (
     ("ap_vs_fps.png", "box AP against inference speed"),
     ("loss_curves.png", "Training loss curves"),
 )
-
-
-def report_dir(matrix: MatrixSpec) -> Path:
-    """Where the committed example page of `matrix` lives: `<repo>/reports/<matrix>/` (regenerated on
-    purpose with `--reports-dir reports/<matrix>`; a plain `report` writes beside the runs instead)."""
-    return repo_root() / "reports" / matrix.name
 
 
 def default_page_dir(runs_dir: Path, matrix: MatrixSpec, profile: str) -> Path:
@@ -131,13 +122,6 @@ def banner(prof: Profile) -> str:
                 f"{DELTA_COLUMN} is left blank.")
     shown = " and ".join(m.short for m in METRICS if m.key in scope.metrics)
     return f"**Only {shown} are compared here.** {scope.reason}; {DELTA_COLUMN} is left blank."
-
-
-def report_is_current(results: Results, out_dir: Path | None = None) -> bool:
-    """Whether the README in `out_dir` is exactly what `write_report` would write now (a CI staleness check)."""
-    folder = Path(out_dir) if out_dir is not None else default_page_dir(results.runs_dir, results.matrix, results.profile)
-    readme = folder / "README.md"
-    return readme.is_file() and readme.read_text(encoding="utf-8") == render_report(results)
 
 
 def render_report(results: Results) -> str:
@@ -194,16 +178,6 @@ def render_published_page(matrix: MatrixSpec) -> str:
         files=[("metafile.yml", "the published numbers in OpenMMLab metafile form")],
         generated=f"Generated from {_display(matrix.path)} (published numbers only); do not edit by hand.",
     )
-
-
-def write_published_report(matrix: MatrixSpec, out_dir: Path) -> Path:
-    """Write the published-only README.md and metafile.yml into `out_dir`; return the README path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_metafile(published_metafile(matrix), out / "metafile.yml")
-    readme = out / "README.md"
-    readme.write_text(render_published_page(matrix), encoding="utf-8")
-    return readme
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -267,7 +241,7 @@ def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, A
         if metric is not None:  # "measured / published", the measured one marked where not comparable
             value = cmp[metric.column]
             text = _fmt(value) + metric.mark_for(value, cmp[metric.context] if metric.context else None)
-            if metric.seeds == "interval" and cmp["n_seeds"] > 1 and _finite(cmp[f"{metric.column}_std"]):
+            if metric.seeds == "interval" and cmp["n_seeds"] > 1 and finite(cmp[f"{metric.column}_std"]):
                 text += f" ± {cmp[f'{metric.column}_std']:.1f}"
             out.append(f"{text} / {_fmt(getattr(row.published, metric.column))}")
         elif col == DELTA_COLUMN:
@@ -323,10 +297,10 @@ def _download(cell: Cell) -> str:
 
 
 def _delta_text(cmp: dict[str, Any], published: float | None) -> str:
-    if published is None or not _finite(cmp["delta_box_ap"]):
+    if published is None or not finite(cmp["delta_box_ap"]):
         return "-"
     text = f"{cmp['delta_box_ap']:+.1f}"
-    if cmp["n_seeds"] > 1 and _finite(cmp["ci95_low"]):
+    if cmp["n_seeds"] > 1 and finite(cmp["ci95_low"]):
         text += f" [{cmp['ci95_low'] - published:+.1f}, {cmp['ci95_high'] - published:+.1f}]"
     return text
 
@@ -516,11 +490,8 @@ def _escape(text: str) -> str:
 
 
 def _fmt(x: Any) -> str:
-    return f"{float(x):.1f}" if _finite(x) else "-"
+    return f"{float(x):.1f}" if finite(x) else "-"
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 __all__ = [
@@ -530,8 +501,5 @@ __all__ = [
     "render_published_page",
     "render_report",
     "default_page_dir",
-    "report_dir",
-    "report_is_current",
-    "write_published_report",
     "write_report",
 ]

@@ -7,14 +7,14 @@ input still gives a figure that says so, so the page never links a missing file.
 
 from __future__ import annotations
 
-import math
-import numbers
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from harness.metrics import finite
 
 # One colour per verdict (colour-blind-safe Okabe-Ito hues).
 VERDICT_COLORS: dict[str, str] = {
@@ -43,11 +43,11 @@ def plot_ap_vs_published(compared: pd.DataFrame, path: Path) -> Path:
     y = list(range(len(df)))[::-1]
     ax.scatter(df["published_box_ap"], y, marker="|", s=140, color="black", label="published", zorder=3)
     for yi, row in zip(y, df.itertuples(index=False)):
-        if not _finite(row.box_ap):
+        if not finite(row.box_ap):
             continue
         color = VERDICT_COLORS.get(row.verdict, "#999999")
         low, high = row.ci95_low, row.ci95_high
-        if _finite(low) and _finite(high) and high > low:
+        if finite(low) and finite(high) and high > low:
             ax.plot([low, high], [yi, yi], color=color, linewidth=2, alpha=0.6)
         ax.scatter([row.box_ap], [yi], color=color, s=28, zorder=4)
     for verdict, color in VERDICT_COLORS.items():
@@ -144,9 +144,6 @@ def _short(name: str) -> str:
     """`faster-rcnn_r50_fpn_1x_coco` -> `r50_fpn_1x` for point labels."""
     return name.removeprefix("faster-rcnn_").removesuffix("_coco").replace("_coco-", " ")
 
-
-def _finite(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 __all__ = ["VERDICT_COLORS", "plot_ap_vs_fps", "plot_ap_vs_published", "plot_loss_curves"]

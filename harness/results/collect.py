@@ -9,8 +9,6 @@ and verdict (`harness.results.verdicts`). Cells of the matrix without any result
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pandas as pd
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, iter_results
 from harness.matrix.spec import Cell, MatrixSpec
-from harness.metrics import METRICS, Measured
+from harness.metrics import METRICS, Measured, finite
 from harness.results.verdicts import Scope, judge, quirk_ids, scope_of
 
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
@@ -103,7 +101,7 @@ def load_loss_curves(frame: pd.DataFrame) -> pd.DataFrame:
         for entry in _jsonl(log):
             it: Any = entry.get("iter")
             loss: Any = entry.get("loss")
-            if _number(it) and _number(loss):
+            if finite(it) and finite(loss):
                 points.append({"name": rec.name, "seed": int(rec.seed), "iter": int(it), "loss": float(loss)})
     return pd.DataFrame(points, columns=["name", "seed", "iter", "loss"])
 
@@ -225,7 +223,7 @@ def _throughput(log: Path, metrics: dict[str, Any], status: str) -> dict[str, fl
     """
     if status != "ok":
         return {"train_images_per_s": None, "s_per_iter": None}
-    rows = sorted((e for e in _jsonl(log) if _number(e.get("iter")) and _number(e.get("time"))), key=lambda e: e["iter"])
+    rows = sorted((e for e in _jsonl(log) if finite(e.get("iter")) and finite(e.get("time"))), key=lambda e: e["iter"])
     batch = _float(metrics.get("total_batch"))
     if len(rows) >= 2 and batch is not None:
         iters = sum(b["iter"] - a["iter"] for a, b in zip(rows, rows[1:]))
@@ -263,12 +261,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
 
 def _float(x: Any) -> float | None:
-    return float(x) if _number(x) else None
+    return float(x) if finite(x) else None
 
 
 def _scale(x: Any) -> tuple[int, int] | None:

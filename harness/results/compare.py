@@ -9,14 +9,13 @@ whenever the verdict is not a plain pass. The tolerance rules themselves live in
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from harness.matrix.spec import MatrixSpec
-from harness.metrics import BY_KEY, COMPARABLE_MEM_KIND, METRICS, PUBLISHED_DEVICE_CLASS, Measured
+from harness.metrics import BY_KEY, COMPARABLE_MEM_KIND, METRICS, PUBLISHED_DEVICE_CLASS, Measured, finite
 from harness.results.collect import collect
 from harness.results.verdicts import VERDICTS, Scope, interval95, judge, precedence, scope_of
 
@@ -112,7 +111,7 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix:
         out[column] = seen.pop() if len(seen) == 1 else ("mixed" if seen else None)
     measured: dict[str, Measured] = {}
     for m in METRICS:
-        values = [float(x) for x in ok[m.column] if _finite(x)]
+        values = [float(x) for x in ok[m.column] if finite(x)]
         if not values:
             continue
         context = out[m.context] if m.context else None
@@ -145,29 +144,26 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix:
         out.update({m.verdict_column: per_metric[m.key] for m in METRICS})
         if first is None:
             ap = measured.get("box_ap")
-            n_aps = sum(1 for x in ok["box_ap"] if _finite(x))
+            n_aps = sum(1 for x in ok["box_ap"] if finite(x))
             if ap is not None and n_aps > 1 and per_metric["box_ap"] != "not comparable":
                 reasons.insert(0, f"AP 95% interval [{ap.low:.2f}, {ap.high:.2f}] over {n_aps} seeds")
             out.update(verdict=verdict, reason="; ".join(reasons))
     return out
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
 
 def _num(x: Any, digits: int = 1) -> str:
-    return f"{float(x):.{digits}f}" if _finite(x) else "-"
+    return f"{float(x):.{digits}f}" if finite(x) else "-"
 
 
 def _signed(x: Any) -> str:
-    return f"{float(x):+.1f}" if _finite(x) else "-"
+    return f"{float(x):+.1f}" if finite(x) else "-"
 
 
 def _ap_text(mean: Any, std: Any, n: int) -> str:
-    if not _finite(mean):
+    if not finite(mean):
         return "-"
-    return f"{mean:.1f} ± {std:.2f}" if n > 1 and _finite(std) else f"{mean:.1f}"
+    return f"{mean:.1f} ± {std:.2f}" if n > 1 and finite(std) else f"{mean:.1f}"
 
 
 def _clip(text: Any, n: int) -> str:

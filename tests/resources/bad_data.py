@@ -2,7 +2,7 @@
 
 `make_root(tmp, case)` writes a 2-image synthetic root (`detector.data.synth`) and breaks it as `case`
 says; `CASES` maps each case to the words its one-line error must contain ("" for cases that are
-repaired, not refused). Used by tests/harness/test_data_checks.py and `nox -s badinput`.
+repaired, not refused). Used by tests/harness/execute/test_data_checks.py.
 """
 
 from __future__ import annotations

@@ -12,23 +12,43 @@ import yaml
 
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
+from harness.publish.metafile import published_metafile, write_metafile
 from harness.publish.page import (
     DELTA_COLUMN,
     MMDET_CONFIGS,
     VERDICT_COLUMN,
+    default_page_dir,
     markdown_table,
     render_published_page,
-    report_is_current,
-    write_published_report,
+    render_report,
     write_report,
 )
-from harness.results.tables import gather
+from harness.results.tables import Results, gather
 from tests.resources.fake_runs import R50, write_run, write_synthetic_root
 
 SEED = Path(__file__).resolve().parents[2] / "resources" / "faster_rcnn_README.md"  # copy of shared/seed/
 METRICS = ("Mem (GB)", "Inf time (fps)", "box AP")
 DESIGN_CSV_COLUMNS = ["name", "profile", "seed", "status", "box_ap", "mem_gb", "fps", "published_box_ap",
                       "delta_box_ap", "verdict"]
+
+
+
+# Test-only helpers (the harness itself never needs them).
+def report_is_current(results: Results, out_dir: Path | None = None) -> bool:
+    """Whether the README in `out_dir` is exactly what `write_report` would write now (a CI staleness check)."""
+    folder = Path(out_dir) if out_dir is not None else default_page_dir(results.runs_dir, results.matrix, results.profile)
+    readme = folder / "README.md"
+    return readme.is_file() and readme.read_text(encoding="utf-8") == render_report(results)
+
+
+def write_published_report(matrix: MatrixSpec, out_dir: Path) -> Path:
+    """Write the published-only README.md and metafile.yml into `out_dir`; return the README path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metafile(published_metafile(matrix), out / "metafile.yml")
+    readme = out / "README.md"
+    readme.write_text(render_published_page(matrix), encoding="utf-8")
+    return readme
 
 
 def parse_tables(markdown: str) -> list[dict]:
