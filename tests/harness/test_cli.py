@@ -242,7 +242,7 @@ def test_run_one_real_cell_with_two_processes(tmp_path: Path) -> None:
 def test_every_option_and_argument_has_help_text() -> None:
     import argparse
 
-    from harness.cli import build_parser
+    from harness.parser import build_parser
 
     def walk(parser: argparse.ArgumentParser, where: str) -> list[str]:
         bare: list[str] = []

@@ -12,13 +12,13 @@ import yaml
 
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
+from harness.publish.markdown import markdown_table
 from harness.publish.metafile import published_metafile, write_metafile
 from harness.publish.page import (
     DELTA_COLUMN,
     MMDET_CONFIGS,
     VERDICT_COLUMN,
     default_page_dir,
-    markdown_table,
     render_published_page,
     render_report,
     write_report,
