@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.data.synth import make_synthetic_coco
     from detector.data.validate import DatasetReport, check_classes, validate_split
     from detector.model.faster_rcnn import build_detector, describe
-    from detector.model.weights import PRETRAINED, resolve_local, verify
+    from detector.model.pretrained import PRETRAINED, resolve_local
+    from detector.model.weights import verify
 
 __all__ = [
     "AXES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig",
@@ -47,8 +48,8 @@ _LAZY = {
     "validate_split": "detector.data.validate",
     "build_detector": "detector.model.faster_rcnn",
     "describe": "detector.model.faster_rcnn",
-    "PRETRAINED": "detector.model.weights",
-    "resolve_local": "detector.model.weights",
+    "PRETRAINED": "detector.model.pretrained",
+    "resolve_local": "detector.model.pretrained",
     "verify": "detector.model.weights",
 }
 

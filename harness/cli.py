@@ -138,7 +138,7 @@ def cmd_regression(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """`harness baseline update`: refresh the baselines on purpose, with their provenance."""
-    from harness.regression.check import update_baselines
+    from harness.regression.update import update_baselines
 
     flags = " ".join(f"{k} {v}" for k, v in (("--data", args.data), ("--device", args.device)) if v)
     command = " ".join(["harness baseline update", args.matrix, flags, *(["--only", *args.only] if args.only else [])])

@@ -102,4 +102,17 @@ def describe(fp: dict[str, Any] | None) -> str:
             f"{fp.get('onednn', '?')}, {fp.get('threads', '?')} thread(s)")  # fmt: skip
 
 
-__all__ = ["ISA_LEVELS", "KIND_KEYS", "cpu_flags", "describe", "effective_isa", "fingerprint", "onednn_version", "same_kind"]
+def cpu_model() -> str:
+    """The CPU's model name (float results can differ between CPU families), or the platform's guess."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+__all__ = ["cpu_model", "ISA_LEVELS", "KIND_KEYS", "cpu_flags", "describe", "effective_isa", "fingerprint", "onednn_version", "same_kind"]

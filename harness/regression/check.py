@@ -1,4 +1,4 @@
-"""`harness regression` and `harness baseline update`: CI regression checks against stored baselines.
+"""`harness regression`: CI regression checks against stored baselines (`harness baseline update`: `update`).
 
 What runs is declared in `matrices/baselines/<matrix>.yaml` (`harness.regression.baselines`): every cell of the
 matrix's `ci` profile, on each suite (the real COCO subset given with `--data`, and the synthetic
@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,9 @@ from harness.regression.baselines import (
     RegressionSpec,
     default_path,
     load_spec,
-    write_baseline,
 )
 from harness.regression.judge import (
-    fingerprint,
     judge_checks,
-    portable_spec_hash,
     print_judgement,
 )
 
@@ -268,7 +264,7 @@ def cell_metrics(folder: Path) -> dict[str, float]:
     return out
 
 
-def _device(device: str | None) -> str:
+def pick_device(device: str | None) -> str:
     from harness.execute.plan import default_device
 
     if device is None:
@@ -278,7 +274,7 @@ def _device(device: str | None) -> str:
     return device
 
 
-def _device_class(device: str) -> str:
+def device_class_of(device: str) -> str:
     from harness.execute.provenance import device_info
 
     return device_info(device)["device_class"]
@@ -292,12 +288,12 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
     Raises:
         UserError: bad input, or (with `ci`, default `CI` from the environment) the real data is missing.
     """
-    say = log or _stderr
+    say = log or log_stderr
     spec = load_spec(baselines or default_path(matrix))
     ci = ci_mode() if ci is None else ci
     from harness.matrix.spec import repo_root
 
-    device = _device(device)
+    device = pick_device(device)
     wants_data = needs_data(spec, only)
     data_root = resolve_data(data, ci=ci, log=say) if wants_data else None
     cross = _announce_machine(spec, device, say)  # the first line of a run (bad input is refused before)
@@ -306,71 +302,13 @@ def run_regression(*, matrix: str = "faster_rcnn", data: str | None = None, only
     if not checks:
         raise UserError("regression: nothing to run (every selected check needs the real data, see above)")
     outcome = execute(spec, checks, device=device, log=say)
-    verdict = judge_checks(spec, checks, outcome, device_class=_device_class(device),
+    verdict = judge_checks(spec, checks, outcome, device_class=device_class_of(device),
                     data_missing=wants_data and data_root is None, cross_machine=cross)
-    print_judgement(verdict, spec, checks, device_class=_device_class(device))
+    print_judgement(verdict, spec, checks, device_class=device_class_of(device))
     from harness.execute.cells import write_json_atomic
 
     write_json_atomic(runs / "regression" / spec.matrix / "report.json", verdict.to_dict())
     return 0 if verdict.passed else 1
-
-
-def update_baselines(*, matrix: str = "faster_rcnn", data: str | None = None, only: Sequence[str] = (),
-                     runs_dir: Path | None = None, device: str | None = None, baselines: Path | None = None,
-                     command: str = "harness baseline update", log: Log | None = None) -> int:  # fmt: skip
-    """`harness baseline update`: run the checks and store their metrics with provenance, on purpose.
-
-    Refuses (exit 1, file untouched) when a cell fails, when the overfit check misses its floor or
-    when the determinism check finds two runs differ: such numbers must not become the reference.
-    """
-    from harness.execute.provenance import base_provenance, now_iso
-    from harness.matrix.spec import repo_root
-
-    say = log or _stderr
-    path = Path(baselines or default_path(matrix))
-    spec = load_spec(path)
-    device = _device(device)
-    data_root = resolve_data(data, ci=True, log=say) if needs_data(spec, only) else None
-    runs = Path(runs_dir) if runs_dir else repo_root() / "runs"
-    checks = plan_checks(spec, data_root=data_root, runs_dir=runs, device=device, only=only, log=say)
-    outcome = execute(spec, checks, device=device, log=say)
-    dclass = _device_class(device)
-    # Judge without baselines: cells must succeed, the overfit floor and determinism must hold.
-    verdict = judge_checks(dataclasses.replace(spec, baselines={}), checks, outcome, device_class=dclass, data_missing=False,
-                    need_baseline=False)  # fmt: skip
-    if not verdict.passed:
-        print_judgement(verdict, spec, checks, device_class=dclass)
-        say(f"baseline update refused: {path} is unchanged")
-        return 1
-    prov = base_provenance(include_host=False)
-    old = spec.baselines.get(dclass) or {}
-    entry_checks = dict(old.get("checks") or {}) if only else {}
-    for check in checks:
-        if check.kind == "rerun":
-            continue
-        run = check.job.spec["run"]
-        entry_checks[check.id] = {
-            "updated_at": now_iso(), "git_commit": prov["git_commit"], "seed": run["seed"], "iters": run["max_iters"],
-            "image_scale": list(run["image_scale"]), "spec_sha256": portable_spec_hash(check.job.spec),
-            "data": fingerprint(Path(run["data_root"]), run["train_ann"]),
-            "metrics": outcome[check.id]["metrics"],
-        }  # fmt: skip
-    entry = {
-        "provenance": {
-            "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"], "versions": prov["versions"],
-            "device": device, "device_class": dclass, "cpu": cpu_model(), "threads_per_cell": spec.threads,
-            "machine": machine.fingerprint(threads=spec.threads) if device == "cpu" else None,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "updated_at": now_iso(),
-            "command": command,
-        },
-        "checks": dict(sorted(entry_checks.items())),
-    }  # fmt: skip
-    write_baseline(path, dclass, entry)
-    stored = sum(c.kind != "rerun" for c in checks)
-    held = " (the determinism check held)" if any(c.kind == "rerun" for c in checks) else ""
-    say(f"baselines for {dclass}: {stored} checks written to {path}{held} (commit {prov['git_commit'][:12]}"
-        f"{', dirty tree' if prov['git_dirty'] else ''})")  # fmt: skip
-    return 0
 
 
 def _announce_machine(spec: RegressionSpec, device: str, say: Log) -> bool:
@@ -378,7 +316,7 @@ def _announce_machine(spec: RegressionSpec, device: str, say: Log) -> bool:
     tolerances apply). GPUs are compared by device class alone."""
     if device != "cpu":
         return False
-    entry = spec.baselines.get(_device_class(device)) or {}
+    entry = spec.baselines.get(device_class_of(device)) or {}
     theirs = (entry.get("provenance") or {}).get("machine")
     mine = machine.fingerprint(threads=spec.threads)
     if machine.same_kind(theirs, mine):
@@ -390,35 +328,23 @@ def _announce_machine(spec: RegressionSpec, device: str, say: Log) -> bool:
     return True
 
 
-def cpu_model() -> str:
-    """The CPU's model name (float results can differ between CPU families), or the platform's guess."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _stderr(line: str) -> None:
+def log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 __all__ = [
+    "device_class_of",
+    "log_stderr",
+    "pick_device",
     "Check",
     "amp_supported",
     "cell_metrics",
     "candidates",
     "ci_mode",
-    "cpu_model",
     "execute",
     "overfit_root",
     "needs_data",
     "plan_checks",
     "resolve_data",
     "run_regression",
-    "update_baselines",
 ]

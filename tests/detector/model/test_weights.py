@@ -20,19 +20,11 @@ import torchvision
 
 from detector import recipes
 from detector.config import BackboneConfig, DetectorConfig, RunConfig
+from detector.errors import WeightsError
 from detector.model.backbones import ResNet
 from detector.model.faster_rcnn import build_detector
-from detector.model.weights import (
-    PRETRAINED,
-    WeightsError,
-    initialise,
-    load_backbone,
-    load_detector,
-    pretrained_file,
-    read_checkpoint,
-    resolve_local,
-    verify,
-)
+from detector.model.pretrained import PRETRAINED, pretrained_file, resolve_local
+from detector.model.weights import initialise, load_backbone, load_detector, read_checkpoint, verify
 
 # mmdet v2 `CocoDataset.CLASSES` / v3 `METAINFO["classes"]`: COCO category names in id order.
 COCO_CLASSES = (

@@ -18,6 +18,7 @@ import yaml
 from harness.errors import UserError
 from harness.execute.runner import CellJob
 from harness.regression import check as regression
+from harness.regression import update
 from harness.regression.baselines import (
     MARKER,
     RegressionSpec,
@@ -260,7 +261,7 @@ def test_update_writes_metrics_with_provenance(monkeypatch: pytest.MonkeyPatch, 
     shutil.copy(default_path(), path)
     checks = [_check("coco128/faster-rcnn_r50_fpn_1x_coco", root, tmp_path), _check("synthetic/faster-rcnn_r50_fpn_1x_coco", root, tmp_path)]
     _fake_run(monkeypatch, checks, {c.id: _outcome() for c in checks}, {})
-    assert regression.update_baselines(data=str(root), baselines=path, device="cpu", runs_dir=tmp_path, log=print) == 0
+    assert update.update_baselines(data=str(root), baselines=path, device="cpu", runs_dir=tmp_path, log=print) == 0
     entry = load_spec(path).baselines["cpu"]
     prov = entry["provenance"]
     assert len(prov["git_commit"]) == 40 and isinstance(prov["git_dirty"], bool)
@@ -278,10 +279,10 @@ def test_update_refuses_numbers_that_are_not_a_reference(monkeypatch: pytest.Mon
     before = path.read_text()
     checks = [_check("synthetic/faster-rcnn_r50_fpn_1x_coco", root, tmp_path)]
     _fake_run(monkeypatch, checks, {checks[0].id: _outcome(status="failed", error="RuntimeError: boom")}, {})
-    assert regression.update_baselines(data=str(root), baselines=path, device="cpu", runs_dir=tmp_path, log=print) == 1
+    assert update.update_baselines(data=str(root), baselines=path, device="cpu", runs_dir=tmp_path, log=print) == 1
     assert path.read_text() == before
     with pytest.raises(UserError, match="no --data ROOT was given"):  # update never silently skips the real data
-        regression.update_baselines(baselines=path, device="cpu", runs_dir=tmp_path, log=print)
+        update.update_baselines(baselines=path, device="cpu", runs_dir=tmp_path, log=print)
 
 
 # --------------------------------------------------------------------------------------------------
