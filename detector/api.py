@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from detector.config import DetectorConfig, RunConfig
 from detector.errors import USER_ERRORS, ConfigError, DataError, WeightsError
 from detector.jsonio import write_json_atomic
+from detector.metrics import Metrics
 from detector.recipes import AXES, DEFAULT_AXES, resolve
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.model.weights import verify
 
 __all__ = [
-    "AXES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig",
+    "AXES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig", "Metrics",
     "RunConfig", "WeightsError", "bench", "build_detector", "cannot_build", "check_classes", "describe",
     "device_class", "evaluate_files", "make_synthetic_coco", "resolve", "resolve_local", "subset_annotations",
     "validate_split", "verify", "write_json_atomic",

@@ -31,6 +31,7 @@ from detector.bench import measure
 from detector.config import DetectorConfig, RunConfig
 from detector.errors import ConfigError
 from detector.jsonio import write_json_atomic
+from detector.metrics import Metrics
 from detector.train import checkpoint as ckpt
 from detector.train import engine, solver
 from detector.train.evaluate import evaluate_model
@@ -117,7 +118,7 @@ def _cycle(loader: torch.utils.data.DataLoader, n: int) -> Iterator[engine.Batch
 
 
 def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, world: int,
-             device: torch.device) -> dict[str, Any]:  # fmt: skip
+             device: torch.device) -> Metrics:  # fmt: skip
     """Train, evaluate and measure; returns the metrics dict (rank 0's is complete)."""
     from detector.data import coco as D
     from detector.data.coco_eval import METRIC_KEYS
@@ -219,40 +220,36 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
 
     map_ = coco.get("bbox_mAP")
     box_ap = round(map_ * 100, 1) if map_ is not None else None  # the README's "box AP" (reference 1.3)
-    return {
-        "status": "ok", "error": None, "coco": coco, "box_ap": box_ap,
-        "mem_gb": mem_gb, "mem_kind": mem_kind,
-        "fps": fps["fps"], "fps_images": fps["images"], "fps_precision": fps["precision"],
-        "iters": result.iters, "epochs": round(result.epochs, 4), "train_time_s": round(result.train_time_s, 3),
-        "eval_time_s": round(eval_time, 3), "final_loss": result.final_loss, "first_loss": result.first_loss,
+    return Metrics(
+        status="ok", coco=coco, box_ap=box_ap, mem_gb=mem_gb, mem_kind=mem_kind,
+        fps=fps["fps"], fps_images=fps["images"], fps_precision=fps["precision"],
+        iters=result.iters, epochs=round(result.epochs, 4), train_time_s=round(result.train_time_s, 3),
+        eval_time_s=round(eval_time, 3), final_loss=result.final_loss, first_loss=result.first_loss,
         # Training throughput, data loading included (the whole loop), over all ranks: what a full
         # recipe's cost is estimated from (`harness estimate`).
-        "train_images_per_s": _rate(result.iters * total_batch, result.train_time_s),
-        "s_per_iter": round(result.train_time_s / result.iters, 4) if result.iters else None,
-        "threads": torch.get_num_threads(),
+        train_images_per_s=_rate(result.iters * total_batch, result.train_time_s),
+        s_per_iter=round(result.train_time_s / result.iters, 4) if result.iters else None,
+        threads=torch.get_num_threads(),
         **{k: base[k] for k in ("world_size", "images_per_gpu", "total_batch", "lr", "base_lr", "lr_rescaled")},
-        "resumed_from_iter": result.resumed_from_iter, "eval_split": eval_set.split,
-        "device": base["device"], "device_class": base["device_class"], "deviations": deviations,
-        "failed_at_iter": None, "loss_terms": None,
-    }  # fmt: skip
+        resumed_from_iter=result.resumed_from_iter, eval_split=eval_set.split,
+        device=base["device"], device_class=base["device_class"], deviations=tuple(deviations),
+    )  # fmt: skip
 
 
 def _rate(images: int, seconds: float) -> float | None:
     return round(images / seconds, 2) if images and seconds > 0 else None
 
 
-def failed_metrics(exc: engine.NonFiniteLoss, base: dict[str, Any]) -> dict[str, Any]:
+def failed_metrics(exc: engine.NonFiniteLoss, base: dict[str, Any]) -> Metrics:
     """metrics.json of a cell stopped by a non-finite loss: what is known, null for the rest."""
-    return {
-        "status": "failed", "error": str(exc), "coco": None, "box_ap": None, "mem_gb": None, "mem_kind": None,
-        "fps": None, "fps_images": 0, "fps_precision": None, "iters": exc.iteration, "epochs": None,
-        "train_time_s": None, "eval_time_s": None, "final_loss": None, "first_loss": None,
-        **{k: base.get(k) for k in ("world_size", "images_per_gpu", "total_batch", "lr", "base_lr", "lr_rescaled",
-                                     "resumed_from_iter")},
-        "eval_split": None, "device": base.get("device"), "device_class": base.get("device_class"),
-        "deviations": base.get("deviations", []), "failed_at_iter": exc.iteration, "loss_terms": exc.loss_terms,
-        "train_images_per_s": None, "s_per_iter": None, "threads": torch.get_num_threads(),
-    }  # fmt: skip
+    known: dict[str, Any] = {k: base.get(k) for k in ("world_size", "images_per_gpu", "total_batch", "lr", "base_lr",
+                                                       "lr_rescaled", "resumed_from_iter")}
+    return Metrics(
+        status="failed", error=str(exc), iters=exc.iteration, **known,
+        device=base.get("device"), device_class=base.get("device_class"),
+        deviations=tuple(base.get("deviations", ())), failed_at_iter=exc.iteration, loss_terms=exc.loss_terms,
+        threads=torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run_cell(cell_dir, cfg, run, rank=rank, world=world, device=device)
         if rank == 0:
-            write_json_atomic(cell_dir / "metrics.json", metrics, indent=2)
+            write_json_atomic(cell_dir / "metrics.json", metrics.to_dict(), indent=2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0 if metrics["status"] == "ok" else 3
+    return 0 if metrics.status == "ok" else 3
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from detector.api import Metrics
 from harness.execute.cells import (
     METRICS,
     RESULT,
@@ -110,12 +111,13 @@ def outcome(code: int, metrics: dict[str, Any] | None, stdout: Path) -> tuple[st
     Exit 0 with an ok metrics.json is ok; exit 3 (non-finite loss) carries its error in
     metrics.json; any other exit is a crash whose error is the tail of stdout.txt.
     """
-    if code == 0 and metrics is not None and metrics.get("status") == "ok":
+    rec = Metrics.from_dict(metrics) if metrics is not None else None
+    if code == 0 and rec is not None and rec.status == "ok":
         return "ok", None
-    if metrics is not None and metrics.get("status") == "failed" and metrics.get("error"):
-        return "failed", str(metrics["error"])
+    if rec is not None and rec.status == "failed" and rec.error:
+        return "failed", rec.error
     if code == 0:
-        what = "metrics.json missing" if metrics is None else f"metrics.json status {metrics.get('status')!r}"
+        what = "metrics.json missing" if metrics is None else f"metrics.json status {rec.status if rec else None!r}"
         return "failed", f"detector.run exited 0 but {what}\n{tail(stdout)}".rstrip()
     if code < 0:
         try:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from detector.api import DetectorConfig
+from detector.api import DetectorConfig, Metrics
 from harness.errors import UserError
 from harness.execute import machine
 from harness.execute.runner import CellJob
@@ -249,11 +249,11 @@ def execute(spec: RegressionSpec, checks: list[Check], *, device: str, log: Log)
 
 def cell_metrics(folder: Path) -> dict[str, float]:
     """The flat metrics of a finished cell: coco/*, box_ap, first/final loss, iters, log/<term>@<iter>."""
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    out: dict[str, float] = {f"coco/{k}": float(v) for k, v in (metrics.get("coco") or {}).items()}
+    rec = Metrics.from_dict(json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
+    out: dict[str, float] = {f"coco/{k}": float(v) for k, v in (rec.coco or {}).items()}
     for key in ("box_ap", "first_loss", "final_loss", "iters"):
-        if metrics.get(key) is not None:
-            out[key] = float(metrics[key])
+        if getattr(rec, key) is not None:
+            out[key] = float(getattr(rec, key))
     log = folder / "log.jsonl"
     if log.is_file():
         for line in log.read_text(encoding="utf-8").splitlines():

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from detector.api import Metrics
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, iter_results
 from harness.matrix.spec import Cell, MatrixSpec
@@ -140,7 +141,7 @@ def _placeholder(cell: Cell, profile: str, why: str) -> dict[str, Any]:
 
 
 def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope: Scope, matrix: MatrixSpec) -> dict[str, Any]:
-    metrics: dict[str, Any] = result.get("metrics") or {}
+    rec = Metrics.from_dict(result.get("metrics"))  # metrics.json as result.json copied it
     prov: dict[str, Any] = result.get("provenance") or {}
     versions: dict[str, Any] = prov.get("versions") or {}
     machine: dict[str, Any] = prov.get("machine") or {}
@@ -153,31 +154,31 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "status": status,
         "error": result.get("error"),
         "reason": result.get("reason"),
-        **{m.column: _float(metrics.get(m.field)) if status == "ok" else None for m in METRICS},
-        "mem_kind": metrics.get("mem_kind"),
-        "fps_precision": metrics.get("fps_precision"),
-        "device": metrics.get("device") or prov.get("device"),
-        "device_class": metrics.get("device_class") or prov.get("device_class"),
-        "eval_split": metrics.get("eval_split"),
-        "iters": metrics.get("iters"),
-        "epochs": metrics.get("epochs"),
-        "world_size": metrics.get("world_size", prov.get("world_size")),
-        "images_per_gpu": metrics.get("images_per_gpu", prov.get("images_per_gpu")),
-        "total_batch": metrics.get("total_batch"),
-        "lr_rescaled": metrics.get("lr_rescaled", prov.get("lr_rescaled")),
-        "resumed_from_iter": prov.get("resumed_from_iter", metrics.get("resumed_from_iter")),
-        "train_time_s": metrics.get("train_time_s"),
-        "eval_time_s": metrics.get("eval_time_s"),
+        **{m.column: _float(getattr(rec, m.field)) if status == "ok" else None for m in METRICS},
+        "mem_kind": rec.mem_kind,
+        "fps_precision": rec.fps_precision,
+        "device": rec.device or prov.get("device"),
+        "device_class": rec.device_class or prov.get("device_class"),
+        "eval_split": rec.eval_split,
+        "iters": rec.iters,
+        "epochs": rec.epochs,
+        "world_size": _or(rec.world_size, prov.get("world_size")),
+        "images_per_gpu": _or(rec.images_per_gpu, prov.get("images_per_gpu")),
+        "total_batch": rec.total_batch,
+        "lr_rescaled": _or(rec.lr_rescaled, prov.get("lr_rescaled")),
+        "resumed_from_iter": prov.get("resumed_from_iter", rec.resumed_from_iter),
+        "train_time_s": rec.train_time_s,
+        "eval_time_s": rec.eval_time_s,
         "wall_time_s": prov.get("wall_time_s"),
-        **_throughput(run_dir / "log.jsonl", metrics, status),
+        **_throughput(run_dir / "log.jsonl", rec, status),
         "cpu": machine.get("cpu"),
         "cores": machine.get("cores"),
-        "threads": machine.get("threads", metrics.get("threads")),
+        "threads": machine.get("threads", rec.threads),
         "load_1m": machine.get("load_1m"),
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
         # The harness's data notes (repairs, drops, the categories trained) are deviations of the run too.
-        "deviations": tuple(metrics.get("deviations") or ()) + tuple(n for n in notes if n.startswith("data: ")),
+        "deviations": rec.deviations + tuple(n for n in notes if n.startswith("data: ")),
         "notes": notes,
         "quirks": " ".join(quirk_ids(notes)),
         "git_commit": prov.get("git_commit"),
@@ -213,7 +214,7 @@ def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, mat
     return verdict, "; ".join(reasons)
 
 
-def _throughput(log: Path, metrics: dict[str, Any], status: str) -> dict[str, float | None]:
+def _throughput(log: Path, rec: Metrics, status: str) -> dict[str, float | None]:
     """Training images / s (all ranks, data loading included) and seconds per iteration.
 
     From the log when it has two or more windows: the first logged window is left out, since it
@@ -224,13 +225,13 @@ def _throughput(log: Path, metrics: dict[str, Any], status: str) -> dict[str, fl
     if status != "ok":
         return {"train_images_per_s": None, "s_per_iter": None}
     rows = sorted((e for e in _jsonl(log) if finite(e.get("iter")) and finite(e.get("time"))), key=lambda e: e["iter"])
-    batch = _float(metrics.get("total_batch"))
+    batch = _float(rec.total_batch)
     if len(rows) >= 2 and batch is not None:
         iters = sum(b["iter"] - a["iter"] for a, b in zip(rows, rows[1:]))
         seconds = sum((b["iter"] - a["iter"]) * float(b["time"]) for a, b in zip(rows, rows[1:]))
         if iters > 0 and seconds > 0:
             return {"train_images_per_s": round(iters * batch / seconds, 2), "s_per_iter": round(seconds / iters, 4)}
-    return {"train_images_per_s": _float(metrics.get("train_images_per_s")), "s_per_iter": _float(metrics.get("s_per_iter"))}
+    return {"train_images_per_s": _float(rec.train_images_per_s), "s_per_iter": _float(rec.s_per_iter)}
 
 
 def _cell_fields(cell: Cell, profile: str) -> dict[str, Any]:
@@ -260,6 +261,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
     return data if isinstance(data, dict) else {}
 
+
+
+def _or(value: Any, fallback: Any) -> Any:
+    """`value` unless metrics.json lacks it (None), then what the runner recorded."""
+    return value if value is not None else fallback
 
 
 def _float(x: Any) -> float | None:
