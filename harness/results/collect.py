@@ -20,7 +20,7 @@ from harness.errors import UserError
 from harness.execute.cells import cell_dir, iter_results
 from harness.matrix.spec import Cell, MatrixSpec
 from harness.metrics import METRICS, Measured, finite
-from harness.results.verdicts import Scope, judge, quirk_ids, scope_of
+from harness.results.verdicts import Scope, judge, precedence, quirk_ids, scope_of
 
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
 COLUMNS: tuple[str, ...] = (
@@ -200,11 +200,11 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
 
 def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, matrix: MatrixSpec) -> tuple[str, str]:
     """The verdict of a single run (one seed); `harness.results.compare` judges a cell over its seeds."""
-    if status == "skipped":
-        return "not run", f"skipped: {row['reason'] or 'no reason given'}"
-    if status != "ok":
-        # A crash or a non-finite loss is a failure whatever the profile: the cell does not work.
+    first = precedence(n_ok=int(status == "ok"), n_failed=int(status not in ("ok", "skipped")))
+    if first == "fail":  # a crash or a non-finite loss, whatever the profile: the cell does not work
         return "fail", f"run failed: {_last_line(row['error'])}"
+    if first == "not run":
+        return "not run", f"skipped: {row['reason'] or 'no reason given'}"
     measured = {
         m.key: Measured(mean=row[m.column], low=row[m.column], high=row[m.column], context=row[m.context] if m.context else None)
         for m in METRICS if row[m.column] is not None
