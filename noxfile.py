@@ -1,5 +1,5 @@
 """Sessions: `nox -s tests`, `nox -s lint`, `nox -s reproduce -- faster_rcnn`, `nox -s regression`, `nox -s bench`,
-`nox -s tests-oldest` (the oldest supported torch / torchvision pair).
+`nox -s tests-oldest` (the oldest supported torch / torchvision pair), `nox -s slurm` (a real single-node Slurm).
 
 uv installs the torch / torchvision pair from the registry (it ignores a stray local CPU torch wheel
 that breaks torchvision's ops) and the environments are reused between runs. `pip install "nox[uv]"`
@@ -96,6 +96,38 @@ def regression(session: nox.Session) -> None:
     """CI regression on small COCO subsets against `matrices/baselines/`."""
     _install(session)
     session.run("harness", "regression", *session.posargs)
+
+
+SLURM_CELLS = "faster-rcnn_r50_fpn_*iou*"  # three smoke cells, about a minute in all
+
+
+@nox.session(python=PYTHON)
+def slurm(session: nox.Session) -> None:
+    """`harness run --executor submitit` through a real single-node Slurm on this host (sbatch, slurmctld,
+    slurmd, munge), checked against the same cells run locally: identical metrics. Needs root; as root it
+    installs Debian's slurm-wlm and munge with apt when they are missing."""
+    import tempfile
+
+    _install(session, extras="cluster")
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b) is None]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        session.log(f"slurm: installing slurm-wlm and munge with apt (missing: {', '.join(missing)})")
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "slurm-wlm", "munge", external=True,
+                    env={"DEBIAN_FRONTEND": "noninteractive"})
+    elif missing:
+        session.error(f"slurm: missing {', '.join(missing)}; as root: apt-get install slurm-wlm munge (the session "
+                      "starts its own single-node cluster and needs root for its daemons)")
+    work = tempfile.mkdtemp(prefix="harness-slurm-")
+    session.run("bash", "scripts/slurm_cluster.sh", "start", work, external=True)
+    try:
+        common = ("harness", "run", "faster_rcnn", "--profile", "smoke", "--only", SLURM_CELLS, "--jobs", "3")
+        session.run(*common, "--executor", "submitit", "--runs-dir", f"{work}/slurm",
+                    env={"SLURM_CONF": f"{work}/slurm.conf", "HARNESS_SUBMITIT_CLUSTER": "slurm"})
+        session.run(*common, "--runs-dir", f"{work}/local")
+        session.run("python", "scripts/slurm_check.py", f"{work}/slurm", f"{work}/local")
+    finally:
+        session.run("bash", "scripts/slurm_cluster.sh", "stop", work, external=True)
 
 
 @nox.session(python=PYTHON)
