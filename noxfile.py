@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests`, `nox -s lint`, `nox -s reproduce -- faster_rcnn`, `nox -s regression`, `nox -s bench`,
-`nox -s tests-oldest` (the oldest supported torch / torchvision pair), `nox -s slurm` (a real single-node Slurm).
+`nox -s tests-oldest` (the oldest supported torch / torchvision pair), `nox -s slurm` (a real single-node Slurm),
+`nox -s parity` (every cell against MMDetection 3.3.0's own model).
 
 uv installs the torch / torchvision pair from the registry (it ignores a stray local CPU torch wheel
 that breaks torchvision's ops) and the environments are reused between runs. `pip install "nox[uv]"`
@@ -128,6 +129,18 @@ def slurm(session: nox.Session) -> None:
         session.run("python", "scripts/slurm_check.py", f"{work}/slurm", f"{work}/local")
     finally:
         session.run("bash", "scripts/slurm_cluster.sh", "stop", work, external=True)
+
+
+MMDETECTION = ("mmdet==3.3.0", "mmengine==0.10.7", "mmcv-lite==2.1.0")
+
+
+@nox.session(python=PYTHON)
+def parity(session: nox.Session) -> None:
+    """Every cell against MMDetection 3.3.0's own model (reports/parity.md): `nox -s parity`, or a few
+    cells: `nox -s parity -- faster_rcnn --only 'faster-rcnn_r50_fpn_*'` (written to runs/parity/)."""
+    _install(session, "parity")
+    session.install("--no-deps", *MMDETECTION)  # why --no-deps: pyproject.toml, the `parity` group
+    session.run("harness", "parity", *(session.posargs or ["faster_rcnn", "--reports-dir", "reports"]))
 
 
 @nox.session(python=PYTHON)

@@ -29,11 +29,13 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.model.faster_rcnn import build_detector, describe
     from detector.model.pretrained import PRETRAINED, resolve_local
     from detector.model.weights import verify
+    from detector.parity.check import parity_check
+    from detector.parity.mmdet_side import parity_versions
 
 __all__ = [
     "AXES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig", "Metrics",
     "RunConfig", "WeightsError", "bench", "build_detector", "cannot_build", "check_classes", "describe",
-    "device_class", "evaluate_files", "make_synthetic_coco", "resolve", "resolve_local", "subset_annotations",
+    "device_class", "parity_check", "parity_versions", "evaluate_files", "make_synthetic_coco", "resolve", "resolve_local", "subset_annotations",
     "validate_split", "verify", "write_json_atomic",
 ]  # fmt: skip
 
@@ -52,6 +54,8 @@ _LAZY = {
     "PRETRAINED": "detector.model.pretrained",
     "resolve_local": "detector.model.pretrained",
     "verify": "detector.model.weights",
+    "parity_check": "detector.parity.check",  # needs the `parity` group (mmdet, mmengine, mmcv-lite)
+    "parity_versions": "detector.parity.mmdet_side",
 }
 
 

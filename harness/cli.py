@@ -165,6 +165,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from harness.matrix.spec import repo_root
+    from harness.parity import run_parity
+
+    out = _out_dir(args) or repo_root() / "runs" / "parity"
+    return run_parity(matrix=args.matrix, only=list(args.only), data=Path(args.data).resolve() if args.data else None,
+                      images=args.images, seed=args.seed, out_dir=out, log=_log)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.execute.plan import runs_dir_of
     from harness.matrix.parse import load_matrix
@@ -266,6 +275,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "baseline": cmd_baseline,
     "report": cmd_report,
     "compare": cmd_compare,
+    "parity": cmd_parity,
     "estimate": cmd_estimate,
     "eval": cmd_eval,
     "verify": cmd_verify,

@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
 
+    p = sub.add_parser("parity", help="each cell against MMDetection 3.3.0's own model (needs the parity group: nox -s parity)")
+    p.add_argument("matrix", metavar="MATRIX", help=MATRIX_HELP)
+    p.add_argument("--only", nargs="+", action="extend", default=[], metavar="GLOB", help="cell names, aliases or globs")
+    p.add_argument("--data", metavar="ROOT", help="a COCO root whose first images are used (default: the synthetic set)")
+    p.add_argument("--images", type=_positive, default=2, help="images per cell (default 2)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="seed of the shared random weights (default 0)")
+    p.add_argument("--reports-dir", metavar="DIR", help="where parity.md / parity.json go (default: <repo>/runs/parity)")
+
     p = sub.add_parser("estimate", help="GPU-hours of each cell's full recipe from measured training throughput")
     p.add_argument("matrix", metavar="MATRIX", help=MATRIX_HELP)
     p.add_argument("--profile", default="hardware", help="whose measured throughput (default hardware)")

@@ -92,6 +92,19 @@ def load_coco(ann_file: Path, *, drop_segmentation: bool = False) -> COCO:
     return coco
 
 
+def read_image(path: Path, *, context: str = "") -> Tensor:
+    """The image file as uint8 [3, H, W] RGB (grayscale, palette, CMYK and RGBA converted as cv2 'color' does)."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now so a truncated file fails here, with its path
+            rgb = img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path}: file not found" + (f" ({context})" if context else "")) from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"image {path}: cannot decode ({exc})") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
 def select_categories(coco: COCO, classes: Sequence[str], source: Path | str) -> list[int]:
     """COCO category ids for `classes` (all if empty), in the file's order as mmdet gets them."""
     all_cats = coco.dataset["categories"]
@@ -194,17 +207,9 @@ class CocoDetection(Dataset[Item]):
         return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64))
 
     def load_image(self, image_id: int) -> Tensor:
-        """The image as uint8 [3, H, W] RGB (grayscale, palette, CMYK and RGBA converted as cv2 'color' does)."""
+        """The image as uint8 [3, H, W] RGB (`read_image`)."""
         path = self.image_dir / self.coco.imgs[image_id]["file_name"]
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now so a truncated file fails here, with its path
-                rgb = img.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"image {path}: file not found (image id {image_id} in {self.ann_file})") from None
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"image {path}: cannot decode ({exc})") from None
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+        return read_image(path, context=f"image id {image_id} in {self.ann_file}")
 
     def __getitem__(self, key: int | tuple[int, int]) -> Item:
         """`key` is an index, or (index, epoch) as `AspectRatioBatchSampler` yields it.

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from detector.config import DataConfig
@@ -39,10 +39,11 @@ def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[int, int]:
 def resize(image: Tensor, boxes: Tensor, scale: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[float, float]]:
     """Keep-ratio resize of `image` [3, H, W] uint8 and `boxes` [N, 4] to `scale` = (long, short).
 
-    Bilinear without antialiasing and half-pixel centres, which is what cv2.INTER_LINEAR (mmcv's
-    default backend) does; the result is rounded back to uint8 as cv2 returns it. Boxes are scaled
-    by the actual ratios new_w / w and new_h / h (mmdet `Resize` stores those as `scale_factor`)
-    and clipped to the new image (`clip_object_border=True`).
+    The pixels go through `cv2.resize(..., INTER_LINEAR)` on uint8, which is what mmcv's default
+    backend calls: its fixed-point bilinear rounds differently from a float interpolation + round
+    (+-1 grey level in ~10% of values, parity D3), so only cv2 itself gives MMDetection's input.
+    Boxes are scaled by the actual ratios new_w / w and new_h / h (mmdet `Resize` stores those as
+    `scale_factor`) and clipped to the new image (`clip_object_border=True`).
 
     Returns:
         (resized image [3, H', W'] uint8, boxes [N, 4] float32, (w_scale, h_scale)).
@@ -50,9 +51,8 @@ def resize(image: Tensor, boxes: Tensor, scale: tuple[int, int]) -> tuple[Tensor
     _, h, w = image.shape
     new_w, new_h = rescale_size(w, h, scale)
     if (new_w, new_h) != (w, h):
-        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
-                                align_corners=False, antialias=False)[0]
-        image = resized.round_().clamp_(0, 255).to(torch.uint8)
+        hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        image = torch.from_numpy(cv2.resize(hwc, (new_w, new_h), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1).contiguous()
     w_scale, h_scale = new_w / w, new_h / h
     boxes = boxes.to(torch.float32) * torch.tensor([w_scale, h_scale, w_scale, h_scale], dtype=torch.float32)
     boxes[:, 0::2].clamp_(0, new_w)

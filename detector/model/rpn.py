@@ -102,9 +102,14 @@ class RPNHead(nn.Module):
         n = image_sizes.shape[0]
         top_scores, top_deltas, top_anchors, levels = [], [], [], []
         for lvl, (a, s, d) in enumerate(zip(anchors, logits, deltas)):
-            s = s.float()
+            # Rank sigmoid scores with `sort`, exactly mmdet's call, not logits with `topk`: distinct
+            # float32 logits can share one sigmoid value (and anchors over padding score exactly
+            # alike), and topk cuts such ties elsewhere than mmdet's sort (parity, D2a). On CPU a
+            # row of this batched sort orders ties as the same sort of that row alone (tested).
+            s = s.float().sigmoid()
             if 0 < cfg.nms_pre < s.shape[1]:
-                s, idx = s.topk(cfg.nms_pre, dim=1)  # sigmoid is monotonic: rank logits directly
+                s, idx = s.sort(dim=1, descending=True)
+                s, idx = s[:, : cfg.nms_pre], idx[:, : cfg.nms_pre]
                 d = d.gather(1, idx[..., None].expand(-1, -1, 4))
                 a = a[idx]
             else:
@@ -113,7 +118,7 @@ class RPNHead(nn.Module):
             top_deltas.append(d)
             top_anchors.append(a)
             levels.append(torch.full((s.shape[1],), lvl, dtype=torch.long, device=s.device))
-        scores = torch.cat(top_scores, 1).sigmoid()  # [N, M]
+        scores = torch.cat(top_scores, 1)  # [N, M]
         m = scores.shape[1]
         boxes = self.coder.decode(torch.cat(top_anchors, 1), torch.cat(top_deltas, 1), image_sizes[:, None, :])
         image_ids = torch.arange(n, device=scores.device)[:, None].expand(n, m).reshape(-1)

@@ -33,6 +33,7 @@ from harness.matrix.spec import (
     repo_root,
 )
 from harness.metrics import BY_TITLE, METRICS, PUBLISHED_DEVICE_CLASS, finite
+from harness.parity import PARITY_COLUMN, load_marks
 from harness.publish.facts import (
     FPS_MARK,
     MEM_MARK,
@@ -126,6 +127,7 @@ def render_report(results: Results) -> str:
     prof = matrix.profile(profile)
     by_name = {str(r["name"]): r for r in compared.to_dict(orient="records")}
     counts = summary_counts(compared)
+    parity, parity_fact = load_marks()
     facts = [
         ("Published numbers", f"{matrix.source or 'the seed table'} (single runs on 8x {PUBLISHED_DEVICE_CLASS})"),
         ("Profile", profile_text(prof)),
@@ -133,6 +135,8 @@ def render_report(results: Results) -> str:
         ("Dataset", dataset_text(runs, prof)),
         ("Verdicts", f"{len(compared)} cells: " + ", ".join(f"{n} {v}" for v, n in counts.items())),
     ]
+    if parity_fact:
+        facts.append(("Parity", parity_fact))
     if prof.compare == "hardware":
         from harness.results.estimate import estimate_frame, summary_line
 
@@ -146,8 +150,12 @@ def render_report(results: Results) -> str:
         f"memory, not CUDA `max_memory_allocated`, not comparable. A [Qn]({DEVIATIONS_ANCHOR}) marker names a recipe "
         "deviation. Each cell's reason is in `results.csv` and in `harness compare`."
     )
+    if parity:
+        legend += (f" {PARITY_COLUMN}: ✓ the cell's model equals MMDetection 3.3.0's own, stage by stage, on shared "
+                   "weights (`reports/parity.md`); ✗ a stage differs; - not checked.")
     links: dict[str, str] = {}
-    sections = _sections(matrix, lambda table, row: _measured_cells(table, row, matrix, by_name[row.cell], links), measured=True)
+    sections = _sections(matrix, lambda table, row: _measured_cells(table, row, matrix, by_name[row.cell], links, parity),
+                         measured=True, parity=bool(parity))
     return _render(
         matrix, facts=facts, legend=legend, sections=sections, measurement=measurement(matrix, prof),
         quirks=quirks(matrix, runs), cell_notes=cell_notes(matrix), run_deviations=run_deviations(runs),
@@ -179,11 +187,12 @@ def render_published_page(matrix: MatrixSpec) -> str:
 # ---- tables ---------------------------------------------------------------------------------
 
 
-def _sections(matrix: MatrixSpec, cells_of: Callable[[Table, Row], list[str]], *, measured: bool) -> list[dict[str, Any]]:
+def _sections(matrix: MatrixSpec, cells_of: Callable[[Table, Row], list[str]], *, measured: bool,
+              parity: bool = False) -> list[dict[str, Any]]:
     """Consecutive tables with the same heading share a section, as in the seed."""
     sections: list[dict[str, Any]] = []
     for table in matrix.tables:
-        columns = _measured_columns(table) if measured else list(table.columns)
+        columns = _measured_columns(table, parity=parity) if measured else list(table.columns)
         block = {"intro": table.intro.strip(), "table": markdown_table(columns, [cells_of(table, r) for r in table.rows])}
         if sections and sections[-1]["heading"] == table.heading:
             sections[-1]["blocks"].append(block)
@@ -192,10 +201,12 @@ def _sections(matrix: MatrixSpec, cells_of: Callable[[Table, Row], list[str]], *
     return sections
 
 
-def _measured_columns(table: Table) -> list[str]:
+def _measured_columns(table: Table, *, parity: bool) -> list[str]:
+    """The seed's columns plus delta and verdict after box AP, and the parity mark where
+    reports/parity.json has marks."""
     cols = list(table.columns)
     at = cols.index("box AP") + 1 if "box AP" in cols else len(cols)
-    return [*cols[:at], DELTA_COLUMN, VERDICT_COLUMN, *cols[at:]]
+    return [*cols[:at], DELTA_COLUMN, VERDICT_COLUMN, *([PARITY_COLUMN] if parity else []), *cols[at:]]
 
 
 def _published_cells(table: Table, row: Row, matrix: MatrixSpec) -> list[str]:
@@ -209,9 +220,10 @@ def _published_cells(table: Table, row: Row, matrix: MatrixSpec) -> list[str]:
     return out
 
 
-def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, Any], links: dict[str, str]) -> list[str]:
+def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, Any], links: dict[str, str],
+                    parity: dict[str, str]) -> list[str]:
     out = []
-    for col in _measured_columns(table):
+    for col in _measured_columns(table, parity=bool(parity)):
         metric = BY_TITLE.get(col)
         if metric is not None:  # "measured / published", the measured one marked where not comparable
             value = cmp[metric.column]
@@ -224,6 +236,8 @@ def _measured_cells(table: Table, row: Row, matrix: MatrixSpec, cmp: dict[str, A
         elif col == VERDICT_COLUMN:
             marks = " ".join(f"[{q}]({DEVIATIONS_ANCHOR})" for q in quirk_ids(cmp["notes"]))
             out.append(f"{SYMBOLS.get(cmp['verdict'], cmp['verdict'])} {marks}".strip())
+        elif col == PARITY_COLUMN:  # numerical parity with MMDetection's own model (reports/parity.md)
+            out.append(parity.get(row.cell, "-"))
         else:
             out.append(_shared_cell(col, row, matrix, links))
     return out

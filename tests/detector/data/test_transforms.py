@@ -115,3 +115,19 @@ def test_bad_transform_settings() -> None:
         build_transform(replace(DataConfig(), train_scale="ms_range"), train=True)
     with pytest.raises(ValueError, match="random generator"):
         DetTransform(long_side=10, short_sides=(5,), flip_prob=0.5)(torch.zeros(3, 5, 5, dtype=torch.uint8), torch.zeros(0, 4))
+
+
+def test_resize_is_cv2_inter_linear_bit_for_bit() -> None:
+    # Parity D3: MMDetection resizes with cv2.INTER_LINEAR on uint8, whose fixed-point weights round
+    # differently from a float bilinear + round in ~10% of values; ours must be cv2's exactly.
+    import cv2
+
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 37, 53), generator=gen, dtype=torch.uint8)
+    out, _, _ = resize(image, torch.zeros(0, 4), (1333, 800))
+    new_w, new_h = rescale_size(53, 37, (1333, 800))
+    ref = cv2.resize(image.permute(1, 2, 0).numpy().copy(), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    assert out.shape == (3, new_h, new_w) and out.dtype == torch.uint8 and out.is_contiguous()
+    assert torch.equal(out, torch.from_numpy(ref).permute(2, 0, 1))
+    floaty = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+    assert not torch.equal(out, floaty.round().to(torch.uint8))  # the rounding the old path had

@@ -100,3 +100,28 @@ def test_topk_per_image() -> None:
 def test_iou_family_loss_is_rejected_for_the_rpn() -> None:
     with pytest.raises(ConfigError, match="rpn.loss_bbox"):
         RPNHead(RPNConfig(loss_bbox="giou"))
+
+
+def test_nms_pre_ranks_sigmoid_scores_as_mmdet_sorts_them() -> None:
+    # Parity D2a: logits 17, 18, 19 are distinct but all sigmoid to 1.0 in float32; mmdet ranks the
+    # sigmoid scores with `sort(descending=True)` and cuts at nms_pre, so ties are cut where that sort
+    # puts them, not where topk on logits would (which takes 19).
+    head = _head(test=ProposalConfig(nms_pre=2, max_per_img=10, nms_iou=0.99))
+    k = 6
+    anchors = [torch.tensor([[i * 20.0, 0.0, i * 20.0 + 10.0, 10.0] for i in range(k)])]  # disjoint: NMS keeps all
+    logits = torch.tensor([[17.0, 0.0, 18.0, 19.0, -1.0, 17.5]])
+    assert len(set(logits.sigmoid()[0, [0, 2, 3, 5]].tolist())) == 1  # the tie
+    deltas = torch.zeros(1, k, 4)
+    rois = head.proposals(anchors, [logits], [deltas], torch.tensor([[100, 200]]), head.cfg.test)
+    mmdet_pick = logits[0].sigmoid().sort(descending=True).indices[:2]  # mmdet's `_predict_by_feat_single`
+    assert sorted(rois[:, 1].tolist()) == sorted(anchors[0][mmdet_pick, 0].tolist())
+
+
+def test_batched_sort_orders_ties_as_per_image_sort() -> None:
+    # `proposals` sorts all images of a batch at once; on CPU each row must order its ties as the
+    # per-image sort in mmdet does.
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 20, (3, 5000), generator=gen).float().sigmoid()
+    batched = scores.sort(dim=1, descending=True).indices
+    for i in range(3):
+        assert torch.equal(batched[i], scores[i].sort(descending=True).indices)

@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import yaml
 
+import harness.publish.page as page_module
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
 from harness.publish.markdown import markdown_table
 from harness.publish.metafile import published_metafile, write_metafile
+from harness.parity import PARITY_COLUMN
 from harness.publish.page import (
     DELTA_COLUMN,
     MMDET_CONFIGS,
@@ -124,7 +126,9 @@ def test_published_report_files(matrix: MatrixSpec, tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def measured(matrix: MatrixSpec, tmp_path: Path) -> tuple[Path, str]:
+def measured(matrix: MatrixSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    # The parity marks as reports/parity.json would give them (that file is the repo's, not the test's).
+    monkeypatch.setattr(page_module, "load_marks", lambda: ({R50: "✓", "faster-rcnn_r50_fpn_giou_1x_coco": "✗"}, "PARITY FACT"))
     runs, root = tmp_path / "runs", write_synthetic_root(tmp_path / "data")
     for seed, ap in enumerate((37.3, 37.5)):
         write_run(runs, R50, profile="smoke", seed=seed, box_ap=ap, data_root=str(root), eval_split="train2017",
@@ -159,7 +163,7 @@ def test_measured_page_structure(matrix: MatrixSpec, measured: tuple[Path, str])
     for want, got in zip(seed, page):
         at = want["header"].index("box AP") + 1
         assert got["heading"] == want["heading"]
-        assert got["header"] == [*want["header"][:at], DELTA_COLUMN, VERDICT_COLUMN, *want["header"][at:]]
+        assert got["header"] == [*want["header"][:at], DELTA_COLUMN, VERDICT_COLUMN, PARITY_COLUMN, *want["header"][at:]]
         for w, g in zip(want["rows"], got["rows"], strict=True):
             for col in want["header"]:
                 if col in METRICS:  # "measured / published", the published half as in the seed
@@ -170,8 +174,10 @@ def test_measured_page_structure(matrix: MatrixSpec, measured: tuple[Path, str])
     r50 = page[0]["rows"][3]
     assert r50["box AP"] == "37.4 ± 0.1 / 37.4" and r50["Mem (GB)"] == "4.0‡ / 4.0"
     assert r50["Verdict"] == "not comparable [Q5](#recipe-deviations)"
+    assert r50["Parity"] == "✓" and page[0]["rows"][0]["Parity"] == "-"  # marked / not in parity.json
+    assert "PARITY FACT" in text
     giou = page[1]["rows"][2]
-    assert giou["Verdict"] == "✗ fail" and giou["box AP"] == "- / 37.6"
+    assert giou["Verdict"] == "✗ fail" and giou["box AP"] == "- / 37.6" and giou["Parity"] == "✗"
     for section in ("## How these numbers were measured", "## Recipe deviations", "## Run times", "## Plots", "## Files"):
         assert f"\n{section}\n" in text
     # Provenance line: commit, dirty state, versions, device, profile, date (of the last run).
@@ -220,3 +226,11 @@ def test_templates_are_strict(matrix: MatrixSpec) -> None:
 
     with pytest.raises(jinja2.UndefinedError):
         _render(matrix, facts=[], legend="")
+
+
+def test_no_parity_marks_no_parity_column(matrix: MatrixSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(page_module, "load_marks", lambda: ({}, ""))
+    runs = tmp_path / "runs"
+    write_run(runs, R50, profile="smoke", box_ap=1.0, data_root=str(write_synthetic_root(tmp_path / "data")), eval_split="train2017")
+    text = write_report(gather(matrix, "smoke", runs), tmp_path / "out").read_text(encoding="utf-8")
+    assert all(PARITY_COLUMN not in t["header"] for t in parse_tables(text)) and "| Parity |" not in text
