@@ -39,6 +39,25 @@ from detector.train.evaluate import evaluate_model
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
 
 
+def batch_deviations(world: int, images_per_gpu: int, *, base_lr: float, lr: float) -> list[str]:
+    """How this run's batch differs from the recipe's 8 GPUs x 2 images, if it does.
+
+    The recipe's total batch on fewer, larger GPUs (1 x 16, 4 x 4) keeps the lr: sampling is per image
+    and each loss is divided by the batch's sample count, so the loss is the mean of 8 ranks' losses
+    (tested). What remains is the padding: a batch pads to its largest image, now of K images, not 2.
+    """
+    recipe = REFERENCE_GPUS * REFERENCE_IMAGES_PER_GPU
+    total = world * images_per_gpu
+    if world == REFERENCE_GPUS and images_per_gpu == REFERENCE_IMAGES_PER_GPU:
+        return []
+    if total == recipe:
+        return [f"{world} process(es) x {images_per_gpu} images = the recipe's total batch {recipe} ({REFERENCE_GPUS} GPUs x "
+                f"{REFERENCE_IMAGES_PER_GPU}): lr {lr:g} unchanged; each batch is padded to the largest of its "
+                f"{images_per_gpu} images instead of {REFERENCE_IMAGES_PER_GPU}, so features near padded edges differ"]
+    return [f"{world} process(es) x {images_per_gpu} images = total batch {total} instead of {REFERENCE_GPUS} GPUs x "
+            f"{REFERENCE_IMAGES_PER_GPU} = {recipe}; lr {base_lr:g} -> {lr:g} (linear scaling)"]
+
+
 def read_spec(cell_dir: Path) -> tuple[DetectorConfig, RunConfig]:
     """The cell's two configs from `CELL_DIR/spec.json`; errors name the file and the field."""
     path = cell_dir / "spec.json"
@@ -150,10 +169,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     schedule, schedule_devs = solver.make_schedule(cfg.schedule, iters_per_epoch=len(source), total_batch=total_batch,
                                                    max_iters=run.max_iters, warmup_iters=run.warmup_iters)  # fmt: skip
     deviations += schedule_devs
-    if total_batch != REFERENCE_GPUS * REFERENCE_IMAGES_PER_GPU or world != REFERENCE_GPUS:
-        deviations.append(f"{world} process(es) x {run.images_per_gpu} images = total batch {total_batch} instead of "
-                          f"{REFERENCE_GPUS} GPUs x {REFERENCE_IMAGES_PER_GPU} = 16; lr {schedule.base_lr:g} -> "
-                          f"{schedule.lr:g} (linear scaling)")  # fmt: skip
+    deviations += batch_deviations(world, run.images_per_gpu, base_lr=schedule.base_lr, lr=schedule.lr)
     amp = solver.resolve_amp(cfg.precision, device)
     if amp.deviation:
         deviations.append(amp.deviation)

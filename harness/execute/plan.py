@@ -333,6 +333,8 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
 
     matrix = load_matrix(args.matrix)
     profile = matrix.profile(args.profile)
+    if getattr(args, "images_per_gpu", None):  # recorded: RunConfig, metrics.json, the page's provenance
+        profile = dataclasses.replace(profile, images_per_gpu=args.images_per_gpu)
     cells = matrix.cells_for(profile, args.only)
     if not cells:
         only, runs = " ".join(args.only), ", ".join(profile.cells)

@@ -238,3 +238,15 @@ def test_evaluation_wiring_scores_a_perfect_detector_at_100_ap(
     assert R.main([str(cell)]) == 0
     m = json.loads((cell / "metrics.json").read_text())
     assert m["coco"]["bbox_mAP"] == pytest.approx(1.0) and m["box_ap"] == 100.0
+
+
+def test_batch_deviations_keep_the_lr_for_the_recipes_total_batch() -> None:
+    from detector.run import batch_deviations
+
+    assert batch_deviations(8, 2, base_lr=0.02, lr=0.02) == []
+    (one,) = batch_deviations(1, 16, base_lr=0.02, lr=0.02)
+    assert "= the recipe's total batch 16 (8 GPUs x 2): lr 0.02 unchanged" in one and "largest of its 16 images" in one
+    (four,) = batch_deviations(4, 4, base_lr=0.02, lr=0.02)
+    assert "4 process(es) x 4 images" in four and "unchanged" in four
+    (small,) = batch_deviations(1, 2, base_lr=0.02, lr=0.0025)
+    assert small.endswith("total batch 2 instead of 8 GPUs x 2 = 16; lr 0.02 -> 0.0025 (linear scaling)")

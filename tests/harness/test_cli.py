@@ -239,6 +239,15 @@ def test_run_one_real_cell_with_two_processes(tmp_path: Path) -> None:
     assert result["status"] == "ok" and result["provenance"]["world_size"] == 2 and result["metrics"]["total_batch"] == 4
 
 
+@pytest.mark.slow
+def test_images_per_gpu_overrides_the_profile_and_is_recorded(tmp_path: Path) -> None:
+    proc = _harness("run", *_tiny(tmp_path), "--images-per-gpu", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "result.json").read_text())
+    assert result["metrics"]["images_per_gpu"] == 1 and result["metrics"]["total_batch"] == 1
+    assert any("1 process(es) x 1 images = total batch 1" in d for d in result["metrics"]["deviations"])
+
+
 def test_every_option_and_argument_has_help_text() -> None:
     import argparse
 

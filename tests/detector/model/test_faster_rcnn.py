@@ -179,3 +179,36 @@ def test_every_cell_trains_and_predicts_at_tiny_size(axes: dict[str, str]) -> No
     assert len(dets) == 2 and all(bool((d["labels"] < cfg.num_classes).all()) for d in dets)
     assert sum(d["boxes"].shape[0] for d in dets) > 0  # score_thr 0: the NMS path really ran
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.slow
+def test_one_gpu_of_16_images_has_the_losses_of_8_ranks_of_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--images-per-gpu 16` on one GPU (issue 16): assignment and sampling are per image, and each
+    # loss is divided by the batch's sample count; when every image fills its quota (16 x 64 either
+    # way here; 256 anchors and 512 RoIs per image on COCO), the one batch's loss is the mean of the
+    # 8 ranks' losses, which is what DDP's gradient averaging optimises. Same-size images: the batch
+    # padding, the one remaining difference, is the same. Deterministic sampling (first N in index
+    # order) so that both ways draw the same samples.
+    def first_n(gt_inds: torch.Tensor, *, num: int, pos_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.nonzero(gt_inds > 0).squeeze(1)[: int(num * pos_fraction)]
+        return pos, torch.nonzero(gt_inds == 0).squeeze(1)[: num - pos.numel()]
+
+    monkeypatch.setattr("detector.model.rpn.random_sample", first_n)
+    monkeypatch.setattr("detector.model.roi_heads.random_sample", first_n)
+    cfg = resolve({})
+    cfg = replace(cfg, rpn=replace(cfg.rpn, num_samples=64), roi_head=replace(cfg.roi_head, num_samples=64))
+    torch.manual_seed(0)
+    model = build_detector(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 96, generator=g) * 255 for _ in range(16)]
+    targets = []
+    for i in range(16):
+        x, y = 4.0 + 2 * i, 6.0 + i
+        targets.append({"boxes": torch.tensor([[x, y, x + 30.0, y + 40.0], [50.0, 10.0, 90.0, 30.0 + i]]),
+                        "labels": torch.tensor([i % 80, (3 * i) % 80])})
+    with torch.no_grad():
+        whole = model(images, targets)
+        ranks = [model(images[r : r + 2], targets[r : r + 2]) for r in range(0, 16, 2)]
+    for key in LOSS_KEYS:
+        mean = torch.stack([r[key] for r in ranks]).mean()
+        assert torch.allclose(whole[key], mean, rtol=1e-5, atol=0), (key, whole[key].item(), mean.item())
