@@ -61,6 +61,9 @@ def _add_run_flags(p: argparse.ArgumentParser, *, profile: str = "smoke", matrix
                    help="local subprocesses (default) or submitit (Slurm when sbatch is there; needs the cluster extra)")  # fmt: skip
     p.add_argument("--jobs", type=_positive, default=1, metavar="N", help="cells in flight at once (default 1)")
     p.add_argument("--nproc-per-cell", type=_positive, default=1, metavar="N", help="torchrun processes per cell")
+    p.add_argument("--nnodes", type=_positive, default=1, metavar="N",
+                   help="nodes per cell, each running --nproc-per-cell processes (torchrun c10d rendezvous; on Slurm "
+                        "one task per node; with the local executor, N agents on this host)")  # fmt: skip
     p.add_argument("--images-per-gpu", type=_int_at_least(1, "an integer from 1 to 64", high=64), metavar="K",
                    help="images per process and iteration (default: the profile's); 16 on one GPU or 4 on 4 GPUs keeps the "
                         "recipe's total batch of 16 and its lr")  # fmt: skip

@@ -2,7 +2,8 @@
 
 A cell is always the same command, `python -m detector.run CELL_DIR` (ARCHITECTURE.md, "the one
 door"), or `python -m torch.distributed.run --standalone --nproc-per-node N -m detector.run CELL_DIR`
-for `--nproc-per-cell N`; its stdout and stderr go to `CELL_DIR/stdout.txt`. Executors only decide
+for `--nproc-per-cell N`, or one torchrun agent per node for `--nnodes N` (c10d rendezvous); its stdout
+and stderr go to `CELL_DIR/stdout.txt` (other nodes: `stdout.node<k>.txt`). Executors only decide
 where that command runs:
 
 - `local`: a subprocess per cell, in its own session so that a Ctrl-C of the harness can stop the
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,24 +40,50 @@ STDOUT_FILE = "stdout.txt"
 KILL_GRACE_S = 10.0
 
 
+# In a multi-node cell's argv, the rendezvous address: only the executor knows it (this host for
+# local agents, the job's first node on Slurm), so it fills it in when the nodes start.
+RDZV_ENDPOINT = "{rdzv_endpoint}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class CellCommand:
-    """One cell's process: argv (no shell), extra environment, where its output goes."""
+    """One cell's process: argv (no shell), extra environment, where its output goes. With `nnodes`
+    > 1 the argv is one torchrun agent's, started once per node with `RDZV_ENDPOINT` filled in."""
 
     cell_dir: Path
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+    nnodes: int = 1
 
     @property
     def stdout_path(self) -> Path:
         return self.cell_dir / STDOUT_FILE
 
+    def node_stdout(self, node: int) -> Path:
+        """Node 0 writes `stdout.txt`; the other agents `stdout.node<k>.txt` beside it."""
+        return self.stdout_path if node == 0 else self.cell_dir / f"stdout.node{node}.txt"
 
-def cell_argv(cell_dir: Path, *, nproc_per_cell: int = 1, python: str | None = None) -> tuple[str, ...]:
-    """The command that runs one cell: detector.run alone, or under torchrun for N processes."""
+    def node_argv(self, endpoint: str) -> tuple[str, ...]:
+        return tuple(endpoint if a == RDZV_ENDPOINT else a for a in self.argv)
+
+
+def cell_argv(cell_dir: Path, *, nproc_per_cell: int = 1, nnodes: int = 1, python: str | None = None) -> tuple[str, ...]:
+    """The command that runs one cell: detector.run alone, under torchrun for N processes, or, for
+    `nnodes` > 1, one torchrun agent per node meeting through a c10d rendezvous."""
     exe = python or sys.executable
     if nproc_per_cell < 1:
         raise UserError(f"--nproc-per-cell: must be >= 1, got {nproc_per_cell}")
+    if nnodes < 1:
+        raise UserError(f"--nnodes: must be >= 1, got {nnodes}")
+    if nnodes > 1:
+        # The rendezvous id only has to be the same for the agents of one cell and differ between
+        # cells that could meet on one endpoint.
+        rdzv_id = f"{cell_dir.name[:40]}-{zlib.crc32(str(cell_dir).encode()):08x}"
+        return (
+            exe, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_cell),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", RDZV_ENDPOINT, "--rdzv-id", rdzv_id,
+            "-m", "detector.run", str(cell_dir),
+        )  # fmt: skip
     if nproc_per_cell == 1:
         return (exe, "-m", "detector.run", str(cell_dir))
     return (
@@ -63,12 +92,13 @@ def cell_argv(cell_dir: Path, *, nproc_per_cell: int = 1, python: str | None = N
     )  # fmt: skip
 
 
-def thread_env(*, jobs: int, nproc_per_cell: int) -> dict[str, str]:
+def thread_env(*, jobs: int, nproc_per_cell: int, nodes_here: int = 1) -> dict[str, str]:
     """OMP/MKL threads per process so that concurrent cells do not oversubscribe the CPU cores.
 
-    Left alone when there is one process in all, or when the user set OMP_NUM_THREADS already.
+    `nodes_here`: the torchrun agents of one cell on this machine (local `--nnodes`). Left alone when
+    there is one process in all, or when the user set OMP_NUM_THREADS already.
     """
-    procs = max(1, jobs) * max(1, nproc_per_cell)
+    procs = max(1, jobs) * max(1, nproc_per_cell) * max(1, nodes_here)
     if procs == 1 or "OMP_NUM_THREADS" in os.environ:
         return {}
     threads = str(max(1, (os.cpu_count() or 1) // procs))
@@ -91,15 +121,17 @@ class Executor(Protocol):
 # local
 
 
-def _spawn(command: CellCommand, *, keep_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+def _spawn(command: CellCommand, *, keep_fds: Sequence[int] = (), node: int = 0, endpoint: str | None = None
+           ) -> subprocess.Popen[bytes]:
     command.cell_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **command.env}
-    with open(command.stdout_path, "wb") as out:
+    argv = command.node_argv(endpoint) if endpoint is not None else command.argv
+    with open(command.node_stdout(node), "wb") as out:
         # start_new_session: the cell and its torchrun workers form their own process group, which
         # `_stop` can terminate as one; a terminal Ctrl-C reaches the harness only, which then
         # stops every cell it started (and only those).
         return subprocess.Popen(
-            list(command.argv),
+            list(argv),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -149,15 +181,47 @@ class LocalHandle:
         _stop(self.proc, self.grace_s)
 
 
+class NodesHandle:
+    """The torchrun agents of one multi-node cell started here: done when all are, failed as soon
+    as one fails (the others are then stopped: their rendezvous would wait for it in vain)."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+        self.procs = procs
+        self.grace_s = grace_s
+
+    def poll(self) -> int | None:
+        codes = [p.poll() for p in self.procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            self.cancel()
+            return failed[0]
+        return None if None in codes else 0
+
+    def cancel(self) -> None:
+        for proc in self.procs:
+            _stop(proc, self.grace_s)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass(kw_only=True)
 class LocalExecutor:
-    """Each cell in its own subprocess on this machine."""
+    """Each cell in its own subprocess on this machine; a multi-node cell as one torchrun agent per
+    "node", all on this host, meeting at a free local port (how `--nnodes` is tested off a cluster)."""
 
     grace_s: float = KILL_GRACE_S
 
     def submit(self, command: CellCommand, *, keep_fds: Sequence[int] = ()) -> Handle:
         # keep_fds: the cell's lock file, so that a cell which outlives a killed harness keeps its
         # folder locked until it exits (flock belongs to the open file, shared with the child).
+        if command.nnodes > 1:
+            endpoint = f"127.0.0.1:{_free_port()}"
+            return NodesHandle([_spawn(command, keep_fds=keep_fds, node=k, endpoint=endpoint) for k in range(command.nnodes)],
+                               self.grace_s)
         return LocalHandle(_spawn(command, keep_fds=keep_fds), self.grace_s)
 
 
@@ -177,7 +241,16 @@ class SubmititCell:
         self.command = command
 
     def __call__(self) -> int:
-        proc = _spawn(self.command)
+        if self.command.nnodes > 1:  # one task per node (the executor asks for that): this node's agent
+            import submitit
+
+            job = submitit.JobEnvironment()
+            # The rendezvous lives on the job's first node; the port is derived from the job id so that
+            # two cells' jobs sharing a node do not meet.
+            port = 29400 + zlib.crc32(str(job.job_id).encode()) % 20000
+            proc = _spawn(self.command, node=job.node, endpoint=f"{job.hostnames[0]}:{port}")
+        else:
+            proc = _spawn(self.command)
         try:
             return proc.wait()
         finally:
@@ -224,6 +297,7 @@ class SubmititExecutor:
         timeout_min: the job's time limit; submitit's default for local jobs is 2 minutes, far too
             short for a training run, so we always set it.
         gpus_per_node: GPUs the job asks for (the cell's `--nproc-per-cell` on CUDA, else 0).
+        nodes: nodes per job (`--nnodes`); one task per node, each a torchrun agent.
         cpus_per_task: CPU cores for the job.
         slurm_partition: optional partition name.
     """
@@ -232,6 +306,7 @@ class SubmititExecutor:
     cluster: str | None = None
     timeout_min: int = 3 * 24 * 60
     gpus_per_node: int = 0
+    nodes: int = 1
     cpus_per_task: int | None = None
     slurm_partition: str | None = None
     _executor: Any = None
@@ -246,7 +321,7 @@ class SubmititExecutor:
                 ) from None
             self.folder.mkdir(parents=True, exist_ok=True)
             ex = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
-            params: dict[str, Any] = {"timeout_min": self.timeout_min, "nodes": 1, "tasks_per_node": 1}
+            params: dict[str, Any] = {"timeout_min": self.timeout_min, "nodes": self.nodes, "tasks_per_node": 1}
             if self.gpus_per_node:
                 params["gpus_per_node"] = self.gpus_per_node
             if self.cpus_per_task:
@@ -326,6 +401,7 @@ def make_executor(
     *,
     folder: Path,
     nproc_per_cell: int = 1,
+    nnodes: int = 1,
     device: str = "cpu",
     timeout_min: int | None = None,
     slurm_partition: str | None = None,
@@ -347,6 +423,7 @@ def make_executor(
             cluster=cluster or os.environ.get("HARNESS_SUBMITIT_CLUSTER") or None,
             timeout_min=timeout_min or 3 * 24 * 60,
             gpus_per_node=nproc_per_cell if device.startswith("cuda") else 0,
+            nodes=nnodes,
             cpus_per_task=None,
             slurm_partition=slurm_partition,
         )
@@ -361,6 +438,8 @@ __all__ = [
     "Executor",
     "Handle",
     "LocalExecutor",
+    "NodesHandle",
+    "RDZV_ENDPOINT",
     "SubmititCell",
     "SubmititExecutor",
     "cell_argv",

@@ -348,7 +348,7 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     # The executor first: a missing submitit is refused before any data is made or any cell starts.
     executor = make_executor(
         args.executor, folder=runs_dir / "_submitit" / matrix.name / profile.name, nproc_per_cell=args.nproc_per_cell,
-        device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
+        nnodes=args.nnodes, device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
     )  # fmt: skip
     data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
     # Compared with the published numbers: the published initialisation, unless refused on purpose.
@@ -367,8 +367,9 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     t0 = time.monotonic()
     summary = run_jobs(
         jobs, executor=executor, base_provenance=base_provenance(), nproc_per_cell=args.nproc_per_cell,
-        max_in_flight=args.jobs, force=args.force, log=log,
-        env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell),
+        nnodes=args.nnodes, max_in_flight=args.jobs, force=args.force, log=log,
+        env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell,
+                       nodes_here=args.nnodes if args.executor == "local" else 1),
     )  # fmt: skip
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("ok", "failed", "skipped"))
     before = f" ({len(summary.cached)} finished before)" if summary.cached else ""

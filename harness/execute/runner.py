@@ -135,6 +135,7 @@ def run_jobs(
     executor: Executor,
     base_provenance: dict[str, Any],
     nproc_per_cell: int = 1,
+    nnodes: int = 1,
     max_in_flight: int = 1,
     force: bool = False,
     env: dict[str, str] | None = None,
@@ -150,13 +151,13 @@ def run_jobs(
     cells are stopped, finished results stay, and KeyboardInterrupt propagates to the caller.
 
     Args:
-        argv: the command of a cell folder; default `cell_argv(folder, nproc_per_cell=...)`.
+        argv: the command of a cell folder; default `cell_argv(folder, nproc_per_cell=..., nnodes=...)`.
         progress_s: seconds between two live progress lines of a running cell (`harness.execute.progress`).
     """
     summary = RunSummary()
     width = len(str(len(jobs)))
     number = {id(job): i + 1 for i, job in enumerate(jobs)}
-    make_argv = argv or (lambda folder: cell_argv(folder, nproc_per_cell=nproc_per_cell))
+    make_argv = argv or (lambda folder: cell_argv(folder, nproc_per_cell=nproc_per_cell, nnodes=nnodes))
     active: dict[int, tuple[_Attempt, Handle]] = {}
     busy: list[CellJob] = []
     progress = Progress(total=len(jobs), jobs=max_in_flight, every_s=progress_s)
@@ -172,7 +173,7 @@ def run_jobs(
     def provenance(job: CellJob, metrics: dict[str, Any], started_at: str, wall: float) -> dict[str, Any]:
         run = job.spec.get("run") or {}
         return cell_provenance(
-            base_provenance, metrics=metrics, run=run, nproc=nproc_per_cell,
+            base_provenance, metrics=metrics, run=run, nproc=nproc_per_cell * nnodes,
             started_at=started_at, finished_at=now_iso(), wall_time_s=wall,
         )  # fmt: skip
 
@@ -222,7 +223,7 @@ def run_jobs(
             return None
         say(job, "start")
         attempt = _Attempt(job=job, lock=lock, started_at=now_iso(), t0=time.monotonic())
-        command = CellCommand(cell_dir=job.folder, argv=make_argv(job.folder), env=dict(env or {}))
+        command = CellCommand(cell_dir=job.folder, argv=make_argv(job.folder), env=dict(env or {}), nnodes=nnodes)
         handle = executor.submit(command, keep_fds=() if lock.fd is None else (lock.fd,))
         active[id(job)] = (attempt, handle)
         progress.start(str(job.folder), job.folder)

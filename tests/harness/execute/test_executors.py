@@ -9,8 +9,10 @@ import pytest
 
 from harness.errors import UserError
 from harness.execute.executors import (
+    RDZV_ENDPOINT,
     CellCommand,
     LocalExecutor,
+    SubmititCell,
     SubmititExecutor,
     cell_argv,
     make_executor,
@@ -50,12 +52,51 @@ def test_cell_argv_plain_and_torchrun(tmp_path: Path) -> None:
         cell_argv(tmp_path, nproc_per_cell=0)
 
 
+def test_cell_argv_multi_node_is_one_torchrun_agent_per_node(tmp_path: Path) -> None:
+    argv = cell_argv(tmp_path / "cell", nproc_per_cell=2, nnodes=3)
+    assert argv[:9] == (sys.executable, "-m", "torch.distributed.run", "--nnodes", "3", "--nproc-per-node", "2",
+                        "--rdzv-backend", "c10d")
+    assert argv[9:11] == ("--rdzv-endpoint", RDZV_ENDPOINT) and argv[-3:] == ("-m", "detector.run", str(tmp_path / "cell"))
+    rdzv_id = argv[argv.index("--rdzv-id") + 1]
+    assert rdzv_id == cell_argv(tmp_path / "cell", nproc_per_cell=2, nnodes=3)[argv.index("--rdzv-id") + 1]  # same cell: same id
+    assert rdzv_id != cell_argv(tmp_path / "other", nnodes=3)[argv.index("--rdzv-id") + 1]
+    command = CellCommand(cell_dir=tmp_path, argv=argv, nnodes=3)
+    assert "host0:29500" in command.node_argv("host0:29500") and RDZV_ENDPOINT not in command.node_argv("h:1")
+    assert command.node_stdout(0) == command.stdout_path and command.node_stdout(2) == tmp_path / "stdout.node2.txt"
+    with pytest.raises(UserError, match="nnodes"):
+        cell_argv(tmp_path, nnodes=0)
+
+
+def test_local_nodes_share_an_endpoint_and_a_failing_node_stops_the_others(tmp_path: Path) -> None:
+    # Two "nodes" on this host: each prints the endpoint it was given; then one node fails at once
+    # while the other would sleep: the cell fails with that code and the sleeper is stopped.
+    script = "import sys; print(sys.argv[1])"
+    argv = (sys.executable, "-c", script, RDZV_ENDPOINT)
+    assert _wait(LocalExecutor().submit(CellCommand(cell_dir=tmp_path, argv=argv, nnodes=2))) == 0
+    seen = {(tmp_path / name).read_text().strip() for name in ("stdout.txt", "stdout.node1.txt")}
+    assert len(seen) == 1 and seen.pop().startswith("127.0.0.1:")
+    # The node that creates `first` (O_EXCL: exactly one does) sleeps; the other fails with 3.
+    code = ("import os, sys, time\n"
+            "d = sys.argv[2]\n"
+            "open(os.path.join(d, 'pid%d' % os.getpid()), 'w').close()\n"
+            "try:\n    os.close(os.open(os.path.join(d, 'first'), os.O_CREAT | os.O_EXCL))\n"
+            "except FileExistsError:\n    sys.exit(3)\n"
+            "time.sleep(60)\n")
+    failing = (sys.executable, "-c", code, RDZV_ENDPOINT, str(tmp_path))
+    t0 = time.monotonic()
+    handle = LocalExecutor(grace_s=1.0).submit(CellCommand(cell_dir=tmp_path, argv=failing, nnodes=2))
+    assert _wait(handle) == 3 and time.monotonic() - t0 < 30
+    pids = [int(p.name[3:]) for p in tmp_path.glob("pid*")]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
 def test_thread_env_splits_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert thread_env(jobs=1, nproc_per_cell=1) == {}
     assert thread_env(jobs=2, nproc_per_cell=2) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
     assert thread_env(jobs=32, nproc_per_cell=1)["OMP_NUM_THREADS"] == "1"
+    assert thread_env(jobs=1, nproc_per_cell=2, nodes_here=2)["OMP_NUM_THREADS"] == "4"  # local --nnodes 2
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert thread_env(jobs=2, nproc_per_cell=1) == {}
 
@@ -175,3 +216,19 @@ def test_submitit_local_executor_runs_cells_for_real(tmp_path: Path) -> None:
     assert "in job yes" in (tmp_path / "ok" / "stdout.txt").read_text()
     # submitit kept its own job logs under the folder we gave it.
     assert any((tmp_path / "_submitit").iterdir())
+
+
+def test_submitit_task_runs_its_nodes_agent_against_the_first_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under Slurm a multi-node cell is one job with one task per node; each task runs that node's
+    # torchrun agent, all pointed at the job's first node (submitit.JobEnvironment says which).
+    submitit = pytest.importorskip("submitit")
+
+    class Env:
+        job_id, node, hostnames = "4242", 1, ["gpu-a", "gpu-b"]
+
+    monkeypatch.setattr(submitit, "JobEnvironment", Env)
+    argv = (sys.executable, "-c", "import sys; print(sys.argv[1])", RDZV_ENDPOINT)
+    assert SubmititCell(CellCommand(cell_dir=tmp_path, argv=argv, nnodes=2))() == 0
+    printed = (tmp_path / "stdout.node1.txt").read_text().strip()
+    host, port = printed.split(":")
+    assert host == "gpu-a" and 29400 <= int(port) < 49400 and not (tmp_path / "stdout.txt").exists()

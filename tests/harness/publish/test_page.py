@@ -13,9 +13,9 @@ import yaml
 import harness.publish.page as page_module
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
+from harness.parity import PARITY_COLUMN
 from harness.publish.markdown import markdown_table
 from harness.publish.metafile import published_metafile, write_metafile
-from harness.parity import PARITY_COLUMN
 from harness.publish.page import (
     DELTA_COLUMN,
     MMDET_CONFIGS,
