@@ -37,6 +37,7 @@ from detector.train import engine, solver
 from detector.train.evaluate import evaluate_model
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
+STOPPED = 75  # exit code (EX_TEMPFAIL): stopped on request after a checkpoint; run again to resume
 
 
 def batch_deviations(world: int, images_per_gpu: int, *, base_lr: float, lr: float) -> list[str]:
@@ -194,10 +195,11 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         "deviations": deviations,
     }  # fmt: skip
     try:
-        result = engine.train(ddp, source, optimizer, schedule, device=device, amp=amp, scaler=scaler,
-                              grad_clip=cfg.schedule.grad_clip, cell_dir=cell_dir,
-                              checkpoint_interval=run.checkpoint_interval, log_interval=run.log_interval,
-                              progress=run.progress, resume=resume)  # fmt: skip
+        with engine.stop_on_signals():
+            result = engine.train(ddp, source, optimizer, schedule, device=device, amp=amp, scaler=scaler,
+                                  grad_clip=cfg.schedule.grad_clip, cell_dir=cell_dir,
+                                  checkpoint_interval=run.checkpoint_interval, log_interval=run.log_interval,
+                                  progress=run.progress, resume=resume)  # fmt: skip
     except engine.NonFiniteLoss as exc:
         print(f"detector.run: {exc}", file=sys.stderr)
         return failed_metrics(exc, base)
@@ -274,11 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cell_dir: Path = args.cell_dir
     cfg, run = read_spec(cell_dir)
+    # A stop file left by an earlier stop would stop this run at once: the first process removes it
+    # before the process group forms (every rank checks it only inside the training loop).
+    if int(os.environ.get("RANK", "0")) == 0:
+        (cell_dir / engine.STOP_FILE).unlink(missing_ok=True)
     rank, world, device = setup_distributed(run.device)
     try:
         metrics = run_cell(cell_dir, cfg, run, rank=rank, world=world, device=device)
         if rank == 0:
             write_json_atomic(cell_dir / "metrics.json", metrics.to_dict(), indent=2)
+    except engine.Stopped as stopped:
+        print(f"detector.run: {stopped}", file=sys.stderr, flush=True)
+        return STOPPED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

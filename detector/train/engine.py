@@ -22,7 +22,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -174,6 +176,50 @@ class _Window:
         self.count, self.time, self.data_time = self.count + 1, self.time + dt, self.data_time + data_dt
 
 
+class Stopped(Exception):
+    """Training stopped on request (`STOP`: SIGTERM, Slurm's preemption / timeout signal) after a
+    checkpoint of the iteration it reached: run the cell again to resume exactly there."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(f"stopped on request at iteration {iteration}; checkpoint saved, run again to resume")
+        self.iteration = iteration
+
+
+# A file in the cell folder that asks a running cell to checkpoint and stop: how submitit's
+# preemption hook (harness.execute.executors.SubmititCell.checkpoint) reaches every rank of every
+# node, whatever the process tree (torchrun agents, DataLoader workers) between them.
+STOP_FILE = "STOP"
+
+
+class StopRequest:
+    """Set from a signal handler (SIGTERM / SIGUSR1 while training); read by `train` once per
+    iteration with the stop file, reduced over ranks, so every rank stops at the same iteration."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self, *_args: Any) -> None:
+        self.requested = True
+
+
+STOP = StopRequest()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While training, SIGTERM and SIGUSR1 request a checkpoint and a stop instead of killing the
+    process (outside training they keep their default: nothing to save there). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, STOP.set) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train(
     model: nn.Module,
     source: BatchSource,
@@ -224,6 +270,7 @@ def train(
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     ckpt_dir = cell_dir / "checkpoints" if cell_dir is not None else None
+    stop_path = cell_dir / STOP_FILE if cell_dir is not None else None
     bar = Progress(schedule.max_iters, "train", enabled=progress and rank == 0, start=it)
 
     model.train()
@@ -240,7 +287,12 @@ def train(
                 losses = model(images, targets)
             loss = sum(losses.values())
             keys = sorted(losses)
-            reduced = all_reduce(torch.stack([losses[k].detach().float() for k in keys])).tolist()
+            # The stop request rides along with the loss reduction: no extra collective, and every
+            # rank sees the same decision at the same iteration.
+            asked = STOP.requested or (stop_path is not None and stop_path.exists())
+            stop_flag = torch.tensor(float(asked), device=loss.device)
+            reduced = all_reduce(torch.stack([*(losses[k].detach().float() for k in keys), stop_flag])).tolist()
+            stop = reduced.pop() > 0
             terms = dict(zip(keys, reduced))
             terms["loss"] = float(sum(reduced))
             if not all(math.isfinite(v) for v in terms.values()):
@@ -258,14 +310,17 @@ def train(
                 if log_path is not None:
                     _write_log(log_path, it, it / n_batches, lr, win, memory_mb(device), schedule.max_iters, len(images) * world)
                 win = _Window()
-            if ckpt_dir is not None and checkpoint_interval is not None and (
+            if ckpt_dir is not None and (stop or checkpoint_interval is not None and (
                 it % checkpoint_interval == 0 or it == schedule.max_iters
-            ):
+            )):
                 window = {"sums": win.sums, "count": win.count, "time": win.time, "data_time": win.data_time}
                 state_extra = {"first_loss": first_loss, "last_log_loss": last_log_loss, "window": window,
                                "train_time_s": elapsed_before + time.perf_counter() - t_start, "world_size": world}  # fmt: skip
                 _save(ckpt_dir, bare, optimizer, scaler, source, it, epoch, in_epoch, state_extra, rank, world)
             bar.update(1, loss=terms["loss"], lr=lr)
+            if stop and it < schedule.max_iters and ckpt_dir is not None:
+                bar.close()
+                raise Stopped(it)
             if it >= schedule.max_iters:
                 break
             t_data = time.perf_counter()

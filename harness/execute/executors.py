@@ -38,6 +38,12 @@ STDOUT_FILE = "stdout.txt"
 # Seconds a cell gets between SIGTERM and SIGKILL when the harness is interrupted: long enough for
 # detector.run to finish an atomic checkpoint write, short enough for a user holding Ctrl-C.
 KILL_GRACE_S = 10.0
+# Seconds a preempted cell gets to checkpoint and stop: submitit has Slurm signal the job 90 s before
+# its end (`slurm_signal_delay_s`), and the requeue itself needs a few of them.
+PREEMPT_GRACE_S = 75.0
+# detector.train.engine.STOP_FILE: the cell folder file that asks a running cell to checkpoint and
+# stop (a name, not an import: the harness reaches the detector only through its process and files).
+STOP_FILE = "STOP"
 
 
 # In a multi-node cell's argv, the rendezvous address: only the executor knows it (this host for
@@ -239,6 +245,13 @@ class SubmititCell:
 
     def __init__(self, command: CellCommand) -> None:
         self.command = command
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"command": self.command}  # a running process is not part of a (re)submission
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.command, self._proc = state["command"], None
 
     def __call__(self) -> int:
         if self.command.nnodes > 1:  # one task per node (the executor asks for that): this node's agent
@@ -251,6 +264,7 @@ class SubmititCell:
             proc = _spawn(self.command, node=job.node, endpoint=f"{job.hostnames[0]}:{port}")
         else:
             proc = _spawn(self.command)
+        self._proc = proc
         try:
             return proc.wait()
         finally:
@@ -259,8 +273,19 @@ class SubmititCell:
             _stop(proc, grace_s=1.0)
 
     def checkpoint(self) -> Any:
+        """submitit calls this on Slurm's preemption / timeout signal, then requeues the job with
+        what it returns. First the running cell is asked to checkpoint and stop (the stop file,
+        which reaches every rank on every node) and given up to `PREEMPT_GRACE_S` to do so; the
+        requeued job runs the same command, which resumes from that checkpoint."""
         import submitit
 
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            (self.command.cell_dir / STOP_FILE).touch()
+            try:
+                proc.wait(timeout=PREEMPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass  # the latest periodic checkpoint is what the requeued job resumes from
         return submitit.helpers.DelayedSubmission(SubmititCell(self.command))
 
 

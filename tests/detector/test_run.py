@@ -192,6 +192,46 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_metrics(t
 
 
 @pytest.mark.slow
+def test_stop_request_checkpoints_where_it_is_then_rerun_gives_the_uninterrupted_metrics(tmp_path: Path, data_root: Path) -> None:
+    # What a preempted Slurm job does (SubmititCell.checkpoint writes the stop file): the cell saves a
+    # checkpoint at the iteration it reached, between the periodic ones, and exits 75; the requeued
+    # run resumes there and ends exactly as an uninterrupted run.
+    full = make_cell(tmp_path / "full", data_root, checkpoint_interval=100)
+    assert _run(full).returncode == 0
+    cell = make_cell(tmp_path / "stopped", data_root, checkpoint_interval=100)
+    (cell / "STOP").touch()  # a stale stop file from an earlier stop must not stop the next run at once
+    proc = subprocess.Popen([sys.executable, "-m", "detector.run", str(cell)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log, deadline = cell / "log.jsonl", time.monotonic() + 240
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (cell / "STOP").touch()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped on request at iteration" in err and not (cell / "metrics.json").exists()
+    stopped_at = int(err.split("stopped on request at iteration ")[1].split(";")[0])
+    assert 2 <= stopped_at < 12 and (cell / "checkpoints" / "latest.pt").exists()
+
+    rerun = _run(cell)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a, b = (json.loads((c / "metrics.json").read_text()) for c in (full, cell))
+    assert b["resumed_from_iter"] == stopped_at and stable(a) == stable(b)
+
+
+@pytest.mark.slow
+def test_sigterm_while_training_checkpoints_and_exits_75(tmp_path: Path, data_root: Path) -> None:
+    cell = make_cell(tmp_path / "term", data_root, checkpoint_interval=100)
+    proc = subprocess.Popen([sys.executable, "-m", "detector.run", str(cell)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log, deadline = cell / "log.jsonl", time.monotonic() + 240
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75 and "checkpoint saved" in err, err[-2000:]
+
+
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path: Path, data_root: Path) -> None:
     cell = make_cell(tmp_path / "cell", data_root, max_iters=4, bench_images=2)
     done = _run(cell, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")

@@ -232,3 +232,31 @@ def test_submitit_task_runs_its_nodes_agent_against_the_first_node(tmp_path: Pat
     printed = (tmp_path / "stdout.node1.txt").read_text().strip()
     host, port = printed.split(":")
     assert host == "gpu-a" and 29400 <= int(port) < 49400 and not (tmp_path / "stdout.txt").exists()
+
+
+def test_submitit_checkpoint_asks_the_cell_to_stop_then_resubmits_the_same_command(tmp_path: Path) -> None:
+    # submitit's preemption protocol without Slurm: checkpoint() is called while __call__ waits on the
+    # cell; the cell sees the stop file, "saves" and exits 75; what comes back resubmits the same command.
+    submitit = pytest.importorskip("submitit")
+    import pickle
+    import threading
+
+    code = ("import os, sys, time\n"
+            "d = sys.argv[1]\n"
+            "open(os.path.join(d, 'ready'), 'w').close()\n"
+            "while not os.path.exists(os.path.join(d, 'STOP')):\n    time.sleep(0.01)\n"
+            "open(os.path.join(d, 'saved'), 'w').close()\n"
+            "sys.exit(75)\n")
+    cell = SubmititCell(CellCommand(cell_dir=tmp_path, argv=(sys.executable, "-c", code, str(tmp_path))))
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(cell()))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    again = cell.checkpoint()
+    thread.join(timeout=30)
+    assert result == [75] and (tmp_path / "saved").exists()
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    resubmitted = pickle.loads(pickle.dumps(again.function))  # what the requeued job unpickles
+    assert isinstance(resubmitted, SubmititCell) and resubmitted.command == cell.command and resubmitted._proc is None
