@@ -127,6 +127,10 @@ def slurm(session: nox.Session) -> None:
                     env={"SLURM_CONF": f"{work}/slurm.conf", "HARNESS_SUBMITIT_CLUSTER": "slurm"})
         session.run(*common, "--runs-dir", f"{work}/local")
         session.run("python", "scripts/slurm_check.py", f"{work}/slurm", f"{work}/local")
+        # Preemption: a training cell gets Slurm's pre-preemption signal, checkpoints, is requeued and
+        # resumes, ending identical to the uninterrupted local run.
+        session.run("python", "scripts/slurm_preempt.py", work, f"{work}/local",
+                    env={"SLURM_CONF": f"{work}/slurm.conf"})
     finally:
         session.run("bash", "scripts/slurm_cluster.sh", "stop", work, external=True)
 
