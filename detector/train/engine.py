@@ -205,14 +205,20 @@ class StopRequest:
 STOP = StopRequest()
 
 
+# SIGUSR2 too: the signal submitit asks Slurm to send before a preemption or the time limit, which
+# Slurm delivers to every process of the job step, this one included (seen on the real Slurm of
+# `nox -s slurm`: without a handler it killed the cell before submitit could ask it to checkpoint).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While training, SIGTERM and SIGUSR1 request a checkpoint and a stop instead of killing the
-    process (outside training they keep their default: nothing to save there). Main thread only."""
+    """While training, `STOP_SIGNALS` request a checkpoint and a stop instead of killing the process
+    (outside training they keep their default: nothing to save there). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, STOP.set) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, STOP.set) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -132,7 +132,8 @@ def _spawn(command: CellCommand, *, keep_fds: Sequence[int] = (), node: int = 0,
     command.cell_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **command.env}
     argv = command.node_argv(endpoint) if endpoint is not None else command.argv
-    with open(command.node_stdout(node), "wb") as out:
+    # Appended: a resumed or requeued cell keeps the output of its earlier attempts.
+    with open(command.node_stdout(node), "ab") as out:
         # start_new_session: the cell and its torchrun workers form their own process group, which
         # `_stop` can terminate as one; a terminal Ctrl-C reaches the harness only, which then
         # stops every cell it started (and only those).
@@ -266,7 +267,12 @@ class SubmititCell:
             proc = _spawn(self.command)
         self._proc = proc
         try:
-            return proc.wait()
+            # Poll, not proc.wait(): a blocked wait() holds the Popen's waitpid lock, and `checkpoint`
+            # (run by submitit's signal handler in this same thread, in the middle of that wait)
+            # could then never see the cell exit.
+            while (code := proc.poll()) is None:
+                time.sleep(0.5)
+            return code
         finally:
             # Cancel, timeout and requeue arrive as signals that raise out of `wait`: never leave
             # the cell's process tree behind.
@@ -282,10 +288,14 @@ class SubmititCell:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             (self.command.cell_dir / STOP_FILE).touch()
+            t0 = time.monotonic()
             try:
-                proc.wait(timeout=PREEMPT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass  # the latest periodic checkpoint is what the requeued job resumes from
+                code = proc.wait(timeout=PREEMPT_GRACE_S)
+                print(f"harness: preempted: the cell stopped in {time.monotonic() - t0:.0f} s (exit {code}); requeueing",
+                      file=sys.stderr, flush=True)
+            except subprocess.TimeoutExpired:  # the latest periodic checkpoint is what the requeued job resumes from
+                print(f"harness: preempted: the cell did not stop within {PREEMPT_GRACE_S:.0f} s; requeueing",
+                      file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(SubmititCell(self.command))
 
 
