@@ -22,7 +22,7 @@ from harness.matrix.parse import load_matrix
 from harness.matrix.spec import repo_root
 
 PARITY_JSON, PARITY_MD = "parity.json", "parity.md"
-STAGES = ("state_dict", "params", "pipeline", "preprocess", "backbone", "neck", "proposals", "detections", "losses")
+STAGES = ("state_dict", "params", "recipe", "pipeline", "preprocess", "backbone", "neck", "proposals", "detections", "losses")
 
 # One image = (path, [(x1, y1, x2, y2, category index), ...]) in original pixels.
 Image = tuple[Path, list[tuple[float, float, float, float, int]]]
@@ -136,6 +136,10 @@ def render(doc: dict[str, Any]) -> str:
         "statistics randomised (seeded), and saved as an MMDetection checkpoint; ours loads that file through "
         "`detector.model.weights.load_detector`, strictly (`state_dict`: every key, no key left over or kept).",
         "- `params`: total and trainable parameter counts, equal on both sides.",
+        "- `recipe`: the training recipe against the config's: train resize (fixed / choice / range and its "
+        "scales), flip, optimiser, lr, momentum, weight decay (and its norm multiplier), AMP and loss scale, "
+        "gradient clipping, warmup, milestones, epochs and RepeatDataset times, the lr's batch; the column "
+        "counts the fields that differ (0: all equal).",
         "- `pipeline`: our image decode and keep-ratio resize against MMDetection's `LoadImageFromFile` + `Resize` "
         "(cv2), pixel for pixel; tolerance 0.",
         "- `preprocess`, `backbone`, `neck`: normalised padded batch and every feature level, on MMDetection's "
@@ -197,7 +201,7 @@ def load_marks(path: Path | None = None) -> tuple[dict[str, str], str]:
     checked = [r for r in rows if r["status"] == "checked"]
     passed = sum(bool(r.get("ok")) for r in checked)
     fact = (f"{passed} of {len(checked)} checked cells equal to MMDetection {doc['mmdetection']['mmdet']}'s own model, stage by "
-            f"stage (state dict, pipeline, features, proposals, detections, losses; column {PARITY_COLUMN}), at commit "
+            f"stage (state dict, recipe, pipeline, features, proposals, detections, losses; column {PARITY_COLUMN}), at commit "
             f"`{doc.get('commit', '?')}` on {doc.get('date', '?')}: reports/{PARITY_MD}")
     return marks, fact
 

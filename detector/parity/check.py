@@ -3,7 +3,7 @@
 `parity_check(name=..., cfg=..., images=...)` builds MMDetection's model from the config it ships under
 the cell's name, saves it as an MMDetection checkpoint, loads that file into our model through the
 published-checkpoint loader (so `detector.model.weights` is what is tested), and compares parameter
-counts, the data pipeline and every stage of `stages`. It returns a plain dict (reports/parity.json's
+counts, the training recipe (`recipe`), the data pipeline and every stage of `stages`. It returns a plain dict (reports/parity.json's
 row): `status` is "checked", "not shipped" (3.3.0 has no config of that name) or "cannot build"
 (with the reason); a checked cell lists its stages, each with its worst relative difference.
 """
@@ -20,12 +20,13 @@ import torch
 
 from detector.config import DetectorConfig
 from detector.data.coco import read_image
-from detector.data.transforms import resize
+from detector.data.transforms import build_transform
 from detector.errors import WeightsError
 from detector.model.backbones import set_fold_bn_
 from detector.model.faster_rcnn import build_detector, count_parameters
 from detector.model.weights import load_detector
 from detector.parity import mmdet_side
+from detector.parity.recipe import recipe_stage
 from detector.parity.stages import StageResult, eval_stages, loss_stage
 
 # One image = (path, [(x1, y1, x2, y2, label), ...]) in original pixels.
@@ -67,16 +68,11 @@ def _packed(pipeline: list[Any], images: list[Image], num_classes: int) -> tuple
     return {"inputs": inputs, "data_samples": samples}, decoded
 
 
-def _scale(mcfg: Any) -> tuple[int, int]:
-    for t in mcfg.test_dataloader.dataset.pipeline:
-        if t["type"] == "Resize":
-            return tuple(t["scale"])  # type: ignore[return-value]
-    raise ValueError("the config's test pipeline has no Resize")
-
-
-def pipeline_stage(images: list[Image], decoded: list[dict[str, Any]], packed: dict[str, Any], scale: tuple[int, int]) -> StageResult:
-    """Our decode (PIL) and our resize, each against MMDetection's (cv2): exact equality expected.
-    The resize is fed MMDetection's decoded pixels, so a decode difference does not hide in it."""
+def pipeline_stage(images: list[Image], decoded: list[dict[str, Any]], packed: dict[str, Any], cfg: DetectorConfig) -> StageResult:
+    """Our decode (PIL) and our test transform (the cell's scale, cv2 resize), each against
+    MMDetection's: exact equality expected. The resize is fed MMDetection's decoded pixels, so a
+    decode difference does not hide in it; a different test scale shows as a shape difference."""
+    transform = build_transform(cfg.data, train=False)
     dec_diff = res_diff = 0
     dec_max = res_max = 0
     values = 0
@@ -86,7 +82,7 @@ def pipeline_stage(images: list[Image], decoded: list[dict[str, Any]], packed: d
         d = (ours_rgb.int() - theirs_rgb.int()).abs() if ours_rgb.shape == theirs_rgb.shape else None
         dec_diff += int((d > 0).sum()) if d is not None else theirs_rgb.numel()
         dec_max = max(dec_max, int(d.max()) if d is not None else 255)
-        resized, _, _ = resize(theirs_rgb, torch.zeros(0, 4), scale)
+        resized, _, _ = transform(theirs_rgb, torch.zeros(0, 4))
         ref_rgb = ref.flip(0)
         r = (resized.int() - ref_rgb.int()).abs() if resized.shape == ref_rgb.shape else None
         res_diff += int((r > 0).sum()) if r is not None else ref_rgb.numel()
@@ -134,7 +130,8 @@ def parity_check(*, name: str, cfg: DetectorConfig, images: list[Image], seed: i
     mine, ref = count_parameters(ours), count_parameters(theirs)
     stages.append(StageResult(stage="params", worst=0.0 if mine == ref else float("inf"), ok=mine == ref,
                               detail=f"total / trainable {mine[0]:,} / {mine[1]:,} vs {ref[0]:,} / {ref[1]:,}"))
-    stages.append(pipeline_stage(images, decoded, packed, _scale(mcfg)))
+    stages.append(recipe_stage(cfg, mcfg))
+    stages.append(pipeline_stage(images, decoded, packed, cfg))
     stages += eval_stages(ours, theirs, packed)
     stages.append(loss_stage(ours, theirs, packed, mmdet_side.deterministic_sampling()))
     row.update(stages=[s.to_dict() for s in stages], ok=all(s.ok for s in stages),

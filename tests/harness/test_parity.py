@@ -86,8 +86,8 @@ def test_render_marks_the_failing_stage() -> None:
            "python": "3", "commit": "abc", "date": "2026-12-06", "images": ["a.jpg"], "data": "synth",
            "cells": [_row("c1", ok=True), _row("c2", ok=False)]}
     page = render(doc)
-    assert "| c1 | faster_rcnn/c1.py | 0 | 0 | n/a | n/a | 0 | n/a | n/a | n/a | 0 | pass |" in page
-    assert "| c2 | faster_rcnn/c2.py | 0 | 0 | n/a | n/a | 0 | n/a | n/a | n/a | 2.0e-02 ✗ | FAIL |" in page
+    assert "| c1 | faster_rcnn/c1.py | 0 | 0 | n/a | n/a | n/a | 0 | n/a | n/a | n/a | 0 | pass |" in page
+    assert "| c2 | faster_rcnn/c2.py | 0 | 0 | n/a | n/a | n/a | 0 | n/a | n/a | n/a | 2.0e-02 ✗ | FAIL |" in page
 
 
 def test_no_parity_file_no_marks(tmp_path: Path) -> None:

@@ -189,9 +189,7 @@ def test_one_gpu_of_16_images_has_the_losses_of_8_ranks_of_2(monkeypatch: pytest
     # 8 ranks' losses, which is what DDP's gradient averaging optimises. Same-size images: the batch
     # padding, the one remaining difference, is the same. Deterministic sampling (first N in index
     # order) so that both ways draw the same samples.
-    def first_n(gt_inds: torch.Tensor, *, num: int, pos_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.nonzero(gt_inds > 0).squeeze(1)[: int(num * pos_fraction)]
-        return pos, torch.nonzero(gt_inds == 0).squeeze(1)[: num - pos.numel()]
+    from detector.parity.stages import first_n
 
     monkeypatch.setattr("detector.model.rpn.random_sample", first_n)
     monkeypatch.setattr("detector.model.roi_heads.random_sample", first_n)
