@@ -177,7 +177,7 @@ class _Window:
 
 
 class Stopped(Exception):
-    """Training stopped on request (`STOP`: SIGTERM, Slurm's preemption / timeout signal) after a
+    """Training stopped on request (the stop file or `STOP_SIGNALS`: Slurm's preemption signal) after a
     checkpoint of the iteration it reached: run the cell again to resume exactly there."""
 
     def __init__(self, iteration: int) -> None:
@@ -192,7 +192,7 @@ STOP_FILE = "STOP"
 
 
 class StopRequest:
-    """Set from a signal handler (SIGTERM / SIGUSR1 while training); read by `train` once per
+    """Set from a signal handler (`STOP_SIGNALS` while training); read by `train` once per
     iteration with the stop file, reduced over ranks, so every rank stops at the same iteration."""
 
     def __init__(self) -> None:
