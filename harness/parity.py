@@ -82,6 +82,8 @@ def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: i
     for i, cell in enumerate(cells, 1):
         log(f"parity [{i}/{len(cells)}] {cell.name}")
         row = api.parity_check(name=cell.name, cfg=cell.config, images=picked, seed=seed)
+        # The cell's recorded recipe deviations: a difference the check finds may be one of them.
+        row["notes"] = list(cell.recipe_notes)
         rows.append(row)
         log(f"  {_verdict(row)}: {_summary(row)}")
     import torch
@@ -174,11 +176,17 @@ def render(doc: dict[str, Any]) -> str:
               f"{sum(r['status'] != 'checked' for r in doc['cells'])} not checked (reason given)."]
     if failed:
         lines += ["", "## Differences", ""]
-        lines += [f"- {r['cell']}: {_summary(r)}" for r in failed]
+        lines += [f"- {r['cell']}: {_summary(r)}" + _recorded(r) for r in failed]
     details = [f"- {r['cell']}: " + "; ".join(f"{s['stage']}: {s['detail']}" for s in r["stages"] if s["detail"])
                for r in doc["cells"] if r["status"] == "checked"]
     lines += ["", "## Details", "", *details, ""]
     return "\n".join(lines)
+
+
+def _recorded(row: dict[str, Any]) -> str:
+    """The cell's recorded deviations (its recipe notes), which may explain a difference."""
+    notes = row.get("notes") or []
+    return f". Recorded deviations of this cell: {' '.join(notes)}" if notes else ". No recorded deviation explains it."
 
 
 def _num(x: float) -> str:

@@ -74,7 +74,8 @@ def test_run_writes_json_and_page_and_fails_on_a_differing_cell(monkeypatch: pyt
     page = (tmp_path / PARITY_MD).read_text()
     assert "2 cells checked, 1 failed, 1 not checked" in page
     assert "| not shipped: MMDetection 3.3.0 ships no config |" in page
-    assert "faster-rcnn_r50_fpn_iou_1x_coco: losses: worst: loss_cls 2 vs 1.96 (worst 0.02)" in page
+    assert "faster-rcnn_r50_fpn_iou_1x_coco: losses: worst: loss_cls 2 vs 1.96 (worst 0.02). No recorded deviation" in page
+    assert all(r["notes"] == [] for r in doc["cells"])  # these cells carry no quirk notes
     marks, fact = load_marks(tmp_path / PARITY_JSON)
     assert marks == {"faster-rcnn_r50_fpn_iou_1x_coco": "✗", "faster-rcnn_r50_fpn_giou_1x_coco": "-",
                      "faster-rcnn_r50_fpn_bounded-iou_1x_coco": "✓"}
@@ -88,6 +89,13 @@ def test_render_marks_the_failing_stage() -> None:
     page = render(doc)
     assert "| c1 | faster_rcnn/c1.py | 0 | 0 | n/a | n/a | n/a | 0 | n/a | n/a | n/a | 0 | pass |" in page
     assert "| c2 | faster_rcnn/c2.py | 0 | 0 | n/a | n/a | n/a | 0 | n/a | n/a | n/a | 2.0e-02 ✗ | FAIL |" in page
+
+
+def test_a_difference_lists_the_cells_recorded_deviations() -> None:
+    row = {**_row("c2", ok=False), "notes": ["Q2: caffe normalisation as the v2 checkpoint was trained"]}
+    doc = {"matrix": "m", "mmdetection": {"mmdet": "3.3.0", "mmengine": "0.10.7", "mmcv": "2.1.0"}, "torch": "2", "torchvision": "0",
+           "python": "3", "commit": "abc", "date": "2026-12-06", "images": ["a.jpg"], "data": "synth", "cells": [row]}
+    assert "(worst 0.02). Recorded deviations of this cell: Q2: caffe normalisation" in render(doc)
 
 
 def test_no_parity_file_no_marks(tmp_path: Path) -> None:
