@@ -30,7 +30,9 @@ def main(work: Path, local_runs: Path) -> int:
     run = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
         [harness, "run", "faster_rcnn", "--profile", "smoke", "--only", CELL, "--executor", "submitit",
          "--runs-dir", str(runs)],
-        env={**os.environ, "HARNESS_SUBMITIT_CLUSTER": "slurm"},
+        # One intra-op thread, as the local reference ran (`--jobs 3` on 2 cores gives each cell one):
+        # float sums, and so the losses, depend on the thread count (seen: first loss 8th digit).
+        env={**os.environ, "HARNESS_SUBMITIT_CLUSTER": "slurm", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     )  # fmt: skip
     cell = runs / "faster_rcnn" / "smoke" / CELL
     deadline = time.monotonic() + 600
