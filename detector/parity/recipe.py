@@ -68,7 +68,7 @@ def recipe_fields(cfg: DetectorConfig, mcfg: Any) -> dict[str, tuple[Any, Any]]:
 
 def recipe_stage(cfg: DetectorConfig, mcfg: Any) -> StageResult:
     """Every field equal, or the stage fails naming each field that differs (worst = their count)."""
-    differ = [f"{name}: {ours} vs {theirs}" for name, (ours, theirs) in recipe_fields(cfg, mcfg).items() if ours != theirs]
-    checked = len(recipe_fields(cfg, mcfg))
-    detail = f"{checked} fields equal" if not differ else "; ".join(differ)
+    fields = recipe_fields(cfg, mcfg)
+    differ = [f"{name}: {ours} vs {theirs}" for name, (ours, theirs) in fields.items() if ours != theirs]
+    detail = f"{len(fields)} fields equal" if not differ else "; ".join(differ)
     return StageResult(stage="recipe", worst=float(len(differ)), ok=not differ, detail=detail)
