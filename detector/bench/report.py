@@ -6,9 +6,10 @@ around one measured block between `BEGIN` and `END`; a new run replaces only tha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from detector.jsonio import write_json_atomic
 
 BEGIN = "<!-- bench:begin: written by `python -m detector.bench.vs_torchvision`; edit outside this block -->"
 END = "<!-- bench:end -->"
@@ -92,26 +93,30 @@ def render_block(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def replace_block(md_path: Path, block: str, *, begin: str, end: str, skeleton: str = _SKELETON) -> None:
+    """Put `block` (which starts with `begin` and ends with `end`) into `md_path` in place of the
+    old block between those markers; a file without it gets it appended, a missing file is created
+    from `skeleton`. The hand-written text around the block is kept."""
+    if md_path.exists():
+        text = md_path.read_text(encoding="utf-8")
+        start, stop = text.find(begin), text.find(end)
+        if start >= 0 and stop > start:
+            text = text[:start] + block + text[stop + len(end) :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    else:
+        text = skeleton.format(block=block)
+    md_path.write_text(text, encoding="utf-8")
+
+
 def write_reports(doc: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write `out/bench.json` and replace the measured block of `out/benchmarks.md` (created with a
     bare title when missing; a file without the block gets it appended)."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "bench.json", out / "benchmarks.md"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(json_path)
-    block = render_block(doc)
-    if md_path.exists():
-        text = md_path.read_text(encoding="utf-8")
-        start, end = text.find(BEGIN), text.find(END)
-        if start >= 0 and end > start:
-            text = text[:start] + block + text[end + len(END) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-    else:
-        text = _SKELETON.format(block=block)
-    md_path.write_text(text, encoding="utf-8")
+    write_json_atomic(json_path, doc, indent=2)
+    replace_block(md_path, render_block(doc), begin=BEGIN, end=END)
     return json_path, md_path
 
 
-__all__ = ["BEGIN", "END", "render_ablation", "render_block", "write_reports"]
+__all__ = ["BEGIN", "END", "render_ablation", "render_block", "replace_block", "write_reports"]

@@ -3,7 +3,8 @@
 `python -m detector.bench.vs_torchvision [--pairs N] [--threads T] [--out DIR] [--size HxW]` (what
 `nox -s bench` runs) builds both detectors alike in one process, times them in alternating pairs and
 writes `DIR/bench.json` and the measured block of `DIR/benchmarks.md` (the hand-written profile notes
-around that block are kept).
+around that block are kept). With `--device cuda` (`nox -s bench -- --device cuda`) the run is
+`detector.bench.gpu`'s instead: fp32 and AMP, four cases, peak CUDA memory, host syncs and a profile.
 
 Shorthand: "ours" is `build_detector(DetectorConfig())` (faster-rcnn_r50_fpn_1x_coco); "theirs" is
 torchvision's Faster R-CNN built the way `fasterrcnn_resnet50_fpn(weights_backbone=...)` builds it
@@ -360,7 +361,18 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--device cuda` (any accelerator) is the GPU benchmark, with its own options: `nox -s bench --
+    # --device cuda` lands here and goes on in detector.bench.gpu.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu")
+    known, _ = pre.parse_known_args(argv)
+    if known.device != "cpu":
+        from detector.bench.gpu import main as gpu_main
+
+        return gpu_main(argv)
     parser = argparse.ArgumentParser(prog="python -m detector.bench.vs_torchvision", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu"], default="cpu",
+                        help="cpu (this benchmark); any other device runs `python -m detector.bench.gpu` with these arguments")  # fmt: skip
     d = BenchSettings()
     parser.add_argument("--pairs", type=_positive, default=d.pairs, help="timed inference pairs (default %(default)s)")
     parser.add_argument("--train-pairs", type=_positive, default=d.train_pairs, help="timed training pairs (default %(default)s)")

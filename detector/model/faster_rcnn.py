@@ -51,6 +51,10 @@ class FasterRCNN(nn.Module):
         # CPU batches go channels-last (NHWC): oneDNN's convolutions run NHWC natively, so every conv
         # skips the NCHW <-> blocked reorders of its input and output (same math, see benchmarks.md).
         self.cpu_channels_last = True
+        # The same on CUDA is a candidate fast path (cuDNN's tensor-core kernels are NHWC, so NCHW
+        # fp16 convs pay transposes), off until measured (`python -m detector.bench.gpu --ablation`);
+        # it wants the conv weights channels-last too: `set_cuda_channels_last_`.
+        self.cuda_channels_last = False
         # Frozen-statistics BN folded into its conv (`backbones.conv_bn`): same math, one pass less.
         set_fold_bn_(self, True)
 
@@ -84,7 +88,8 @@ class FasterRCNN(nn.Module):
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         h_pad = math.ceil(max(h for h, _ in sizes) / d) * d
         w_pad = math.ceil(max(w for _, w in sizes) / d) * d
-        fmt = torch.channels_last if self.cpu_channels_last and device.type == "cpu" else torch.contiguous_format
+        nhwc = self.cpu_channels_last if device.type == "cpu" else self.cuda_channels_last and device.type == "cuda"
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
         batch = torch.empty((len(images), 3, h_pad, w_pad), device=device, memory_format=fmt).zero_()
         for i, im in enumerate(images):
             im = im.to(device, torch.float32, non_blocking=True)
@@ -103,6 +108,12 @@ class FasterRCNN(nn.Module):
             raise ValueError(f"FasterRCNN.forward: {len(original_sizes)} original_sizes for {image_sizes.shape[0]} images")
         orig = torch.tensor([(float(w), float(h)) for h, w in original_sizes], device=image_sizes.device)
         return orig / image_sizes.flip(1).float()
+
+
+def set_cuda_channels_last_(model: FasterRCNN, on: bool) -> None:
+    """NHWC batches on CUDA and the model's 4-D weights converted to match (or both back to NCHW)."""
+    model.cuda_channels_last = on
+    model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
 
 def build_detector(cfg: DetectorConfig) -> FasterRCNN:
@@ -131,4 +142,4 @@ def describe(cfg: DetectorConfig) -> dict[str, Any]:
     return {"name": cfg.name, "params_total": total, "params_trainable": trainable, "config": cfg.to_dict()}
 
 
-__all__ = ["FasterRCNN", "build_detector", "count_parameters", "describe"]
+__all__ = ["FasterRCNN", "build_detector", "count_parameters", "describe", "set_cuda_channels_last_"]
