@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from detector.bench.gpu_report import GOALS, write_gpu_reports
 from detector.bench.pair import BenchSettings, build_pair, make_inputs, theirs_inputs
-from detector.bench.vs_torchvision import machine, paired_summary, time_rounds
+from detector.bench.timing import machine, paired_summary, time_rounds
 from detector.model.backbones import set_fold_bn_
 from detector.model.faster_rcnn import FasterRCNN, set_cuda_channels_last_
 
@@ -186,6 +186,7 @@ ABLATION: dict[str, Callable[[FasterRCNN, bool], None]] = {
     "fold_bn": set_fold_bn_,
     "channels_last": set_cuda_channels_last_,
     "cudnn_benchmark": lambda _model, on: setattr(torch.backends.cudnn, "benchmark", on),
+    "rpn_nms_per_level": lambda model, on: setattr(model.rpn_head, "nms_per_level", on),
 }
 
 
@@ -193,7 +194,8 @@ def ablation_rows(ours: FasterRCNN, calls: dict[str, Callable[[], None]], settin
     """Ours with each candidate switched to the other state than its default, alone, then back:
     median seconds per call of each case in `calls`. Sequential blocks (a switch such as converting
     the weights to NHWC cannot go inside a timed call); the GPU is quiet enough for that."""
-    defaults = {"fold_bn": True, "channels_last": False, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    defaults = {"fold_bn": True, "channels_last": False, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "rpn_nms_per_level": ours.rpn_head.nms_per_level}
     rows = []
     for name, switch in ABLATION.items():
         switch(ours, not defaults[name])

@@ -74,6 +74,12 @@ def render_block(doc: dict[str, Any]) -> str:
         f"Detections per image: ours {doc['detections_per_image']['ours']}, torchvision "
         f"{doc['detections_per_image']['theirs']}.",
     ]
+    if doc.get("host_syncs"):
+        hs = doc["host_syncs"]
+        lines += ["", "Host syncs per call a CUDA run would make (counted on CPU; torchvision's batched NMS runs one "
+                  "NMS per group here, one per call on CUDA): "
+                  + ", ".join(f"{mode} ours {sum(hs[mode]['ours'].values())} / torchvision {sum(hs[mode]['theirs'].values())}"
+                              for mode in ("infer", "train")) + "."]
     if mem is not None:
         lines += ["", f"Memory: {mem['kind']}; absolute peaks (MiB): "
                   + ", ".join(f"{mode} ours {mem[mode]['ours']['peak_mib']:.0f} / torchvision {mem[mode]['theirs']['peak_mib']:.0f}"

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -45,6 +42,8 @@ from detector.bench.pair import (
     torchvision_kwargs,
 )
 from detector.bench.report import BEGIN, END, write_reports
+from detector.bench.syncs import count_syncs
+from detector.bench.timing import machine, paired_summary, time_rounds
 from detector.model.backbones import set_fold_bn_
 from detector.model.faster_rcnn import FasterRCNN
 
@@ -83,39 +82,6 @@ def train_call(model: nn.Module, images: list[Tensor], targets: list[dict[str, T
 
 
 # --------------------------------------------------------------------------- timing and memory
-
-
-def time_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """`warmup` untimed calls of each, then `rounds` rounds timing each once, the order rotated by
-    one every round (for two: alternating) so drift from other load hits all of them alike.
-    Returns the wall-clock seconds of each call, per name."""
-    if rounds < 1:
-        raise ValueError(f"--pairs: {rounds} must be >= 1")
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def paired_summary(ours_s: list[float], theirs_s: list[float]) -> dict[str, Any]:
-    """Medians and the median of the per-round ratios ours / theirs."""
-    ratios = [a / b for a, b in zip(ours_s, theirs_s)]
-    return {
-        "ratio": round(statistics.median(ratios), 4),
-        "ours_median_s": round(statistics.median(ours_s), 4),
-        "theirs_median_s": round(statistics.median(theirs_s), 4),
-        "ours_s": [round(t, 4) for t in ours_s],
-        "theirs_s": [round(t, 4) for t in theirs_s],
-        "ratios": [round(r, 4) for r in ratios],
-    }
 
 
 def time_pairs(ours: Callable[[], Any], theirs: Callable[[], Any], *, pairs: int, warmup: int) -> dict[str, Any]:
@@ -223,40 +189,6 @@ def measure_memory(
     return out
 
 
-def machine() -> dict[str, Any]:
-    """The machine and software the numbers were measured on."""
-    model_name = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-        model_name = names[0] if names else model_name
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = []
-    mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {
-        "cpu": model_name,
-        "cpus_usable": usable,
-        "memory_gib": mem_gib,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "loadavg_1_5_15": load,
-    }
-
-
 def profile_ops(fn: Callable[[], Any], *, top: int = 8) -> list[dict[str, Any]]:
     """One call of `fn` under `torch.profiler`: the `top` operators by self CPU time, with their
     share of the call's total self time (where the time goes)."""
@@ -311,6 +243,9 @@ def run(
     if ablate:
         ablated["train"] = ablation(ours, ours_train, theirs_train, rounds=settings.train_pairs, warmup=settings.warmup)
         log("bench: training ablation " + ", ".join(f"{r['variant']} {r['ratio']}" for r in ablated["train"]))
+    syncs = {mode: {which: count_syncs(call)[1] for which, call in calls.items()}
+             for mode, calls in (("infer", {"ours": ours_infer, "theirs": theirs_infer}),
+                                 ("train", {"ours": ours_train, "theirs": theirs_train}))}  # fmt: skip
     del ours, theirs, ours_infer, theirs_infer, ours_train, theirs_train
 
     memory = measure_memory(settings) if settings.memory else None
@@ -325,6 +260,8 @@ def run(
         "train": train,
         "memory": memory,
         "detections_per_image": detections,
+        "host_syncs": {"kind": "operators that would make the host wait on CUDA, counted on CPU (detector.bench.syncs): "
+                               "one call each, by operator", **syncs},
         "goal": {"infer_ratio_max": 0.8, "train_ratio_max": 0.9,
                  "met": infer["ratio"] <= 0.8 and train["ratio"] <= 0.9},
         "settings": {**dataclasses.asdict(settings), "precision": "fp32", "infer_batch": 1,

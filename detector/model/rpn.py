@@ -33,6 +33,20 @@ def topk_per_image(keep: Tensor, image_ids: Tensor, num_images: int, k: int) -> 
     return keep[rank < k]
 
 
+def nms_per_level(boxes: Tensor, scores: Tensor, groups: Tensor, num_levels: int, iou: float) -> Tensor:
+    """`batched_nms(boxes, scores, groups, iou)` with groups `image * num_levels + level`, run as one
+    call per level: the kept indices, by decreasing score (as batched_nms returns them)."""
+    levels = groups % num_levels
+    kept = []
+    for lvl in range(num_levels):
+        idx = torch.nonzero(levels == lvl).squeeze(1)
+        kept.append(idx[batched_nms(boxes[idx], scores[idx], groups[idx], iou)])
+    # Index order first, then a stable sort by score: equal scores (anchors over padding score
+    # exactly alike) come in index order, as batched_nms's per-group path returns them.
+    keep = torch.cat(kept).sort().values
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
 class RPNHead(nn.Module):
     """mmdet `RPNHead` (`num_convs=1`): shared 3x3 conv + ReLU, sigmoid objectness `rpn_cls` (A
     channels) and `rpn_reg` (4A channels), all Normal(0, 0.01) with zero bias (reference 1.2).
@@ -59,6 +73,12 @@ class RPNHead(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
         self.coder = BoxCoder(cfg.target_stds)
+        # One `batched_nms` per FPN level (each over all images) instead of one over every (image,
+        # level) group: on CUDA torchvision's NMS is quadratic in the boxes of a call and its keep
+        # pass is sequential, so 5 calls of 4,000 boxes cost far less than one of 20,000, for 4 more
+        # host syncs. Same groups, same kept boxes. A candidate, off until measured on a GPU
+        # (`python -m detector.bench.gpu --ablation`).
+        self.nms_per_level = False
 
     def head(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: objectness logits `Tensor[N, K_l]` and deltas `Tensor[N, K_l, 4]`, in anchor order."""
@@ -125,9 +145,13 @@ class RPNHead(nn.Module):
         groups = image_ids * len(anchors) + torch.cat(levels).repeat(n)
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
-        ok = (wh > cfg.min_bbox_size).all(dim=1)
+        # One nonzero (a host sync on CUDA) for the four tensors, not one per boolean index.
+        ok = torch.nonzero((wh > cfg.min_bbox_size).all(dim=1)).squeeze(1)
         boxes, scores, image_ids, groups = boxes[ok], scores[ok], image_ids[ok], groups[ok]
-        keep = batched_nms(boxes, scores, groups, cfg.nms_iou)
+        if self.nms_per_level:
+            keep = nms_per_level(boxes, scores, groups, len(anchors), cfg.nms_iou)
+        else:
+            keep = batched_nms(boxes, scores, groups, cfg.nms_iou)
         keep = topk_per_image(keep, image_ids, n, cfg.max_per_img)
         return torch.cat([image_ids[keep, None].to(boxes.dtype), boxes[keep]], dim=1)
 
@@ -176,4 +200,4 @@ class RPNHead(nn.Module):
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
 
 
-__all__ = ["RPNHead", "topk_per_image"]
+__all__ = ["RPNHead", "nms_per_level", "topk_per_image"]

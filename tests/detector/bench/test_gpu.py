@@ -109,9 +109,12 @@ def test_cuda_channels_last_switch_keeps_the_outputs() -> None:
     assert not ours.cuda_channels_last and ours.backbone.conv1.weight.is_contiguous()
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.gpu
+@CUDA
 def test_cuda_run_measures_memory_syncs_and_profile(tmp_path: Path) -> None:
-    assert torch.cuda.is_available()
     assert gpu.main(["--device", "cuda", "--size", "256x320", "--pairs", "2", "--warmup", "1", "--cases", "infer1,train2",
                      "--ablation", "--out", str(tmp_path)]) == 0  # fmt: skip
     doc = json.loads((tmp_path / "bench_gpu.json").read_text())
@@ -122,6 +125,7 @@ def test_cuda_run_measures_memory_syncs_and_profile(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
+@CUDA
 def test_cuda_fast_path_candidates_keep_the_outputs() -> None:
     """On CUDA, NHWC and BN folding switched on and off give the same detections and losses up to
     float rounding (TF32 off here so that rounding stays at float32's)."""

@@ -10,6 +10,7 @@ import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detector.bench import timing
 from detector.bench import vs_torchvision as bench
 from detector.bench.report import render_ablation
 from detector.config import DetectorConfig
@@ -64,7 +65,7 @@ def test_same_weights_give_same_features_and_class_layout(pair: tuple[torch.nn.M
 def test_time_pairs_alternates_and_takes_the_median_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     now = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
     durations = {"ours": iter([9, 1, 2, 3]), "theirs": iter([9, 2, 2, 2])}  # warm-up first
 
     def fake(name: str):

@@ -232,7 +232,7 @@ def test_loaders_and_resume(synth: Path) -> None:
     first = [(it, ep, [m["image_id"] for m in b[2]]) for it, ep, b in (next(stream) for _ in range(per_epoch + 3))]
     assert first[per_epoch][:2] == (per_epoch, 1)
     images, targets, metas = next(iterate_batches(loader))[2]
-    assert all(img.dtype == torch.float32 and float(img.max()) <= 255 for img in images)
+    assert all(img.dtype == torch.uint8 and img.shape[0] == 3 for img in images)
     assert len({int(img.shape[1] > img.shape[2]) for img in images}) == 1  # one aspect group per batch
     resumed = iterate_batches(build_train_loader(ds, 2, 0, 7), start_iter=per_epoch - 1)
     assert [(it, ep, [m["image_id"] for m in b[2]]) for it, ep, b in (next(resumed) for _ in range(4))] == first[per_epoch - 1:]

@@ -125,3 +125,28 @@ def test_batched_sort_orders_ties_as_per_image_sort() -> None:
     batched = scores.sort(dim=1, descending=True).indices
     for i in range(3):
         assert torch.equal(batched[i], scores[i].sort(descending=True).indices)
+
+
+def test_nms_per_level_keeps_what_one_batched_nms_keeps() -> None:
+    """The per-level candidate (`RPNHead.nms_per_level`) keeps the same boxes in the same order
+    as one `batched_nms` over all (image, level) groups; proposals are the same rows (boxes of
+    exactly equal score, such as anchors over padding, may come in another order)."""
+    from torchvision.ops import batched_nms
+
+    from detector.model.rpn import nms_per_level
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, 200, (3000, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(4, 60, (3000, 2), generator=g).float()], 1)
+    scores = torch.rand(3000, generator=g)
+    groups = torch.randint(0, 2 * 5, (3000,), generator=g)
+    ref = batched_nms(boxes, scores, groups, 0.7)
+    assert 0 < ref.numel() < 3000 and torch.equal(nms_per_level(boxes, scores, groups, 5, 0.7), ref)
+    torch.manual_seed(0)
+    head = _head(test=ProposalConfig(nms_pre=200, max_per_img=100, nms_iou=0.7)).eval()
+    feats, sizes, pads = _feats(h=40, w=48), torch.tensor([[160, 192], [120, 150]]), torch.tensor([[160, 192], [128, 160]])
+    plain, _ = head(feats, sizes, pads)
+    head.nms_per_level = True
+    per_level, _ = head(feats, sizes, pads)
+    assert plain.shape == per_level.shape and torch.equal(plain[:, 0], per_level[:, 0])
+    assert sorted(map(tuple, plain.tolist())) == sorted(map(tuple, per_level.tolist()))

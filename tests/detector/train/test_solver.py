@@ -101,7 +101,7 @@ def test_bf16_autocast_runs_the_model_in_bf16() -> None:
 def test_static_loss_scaler_unscales_and_skips_overflow() -> None:
     p = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=1.0)
-    scaler = solver.StaticLossScaler(512.0)
+    scaler = solver.StaticLossScaler(512.0, "cpu")
     scaler.scale((p * 2).sum()).backward()
     scaler.step(opt)
     scaler.update()
@@ -109,5 +109,14 @@ def test_static_loss_scaler_unscales_and_skips_overflow() -> None:
     opt.zero_grad()
     scaler.scale((p * float("inf")).sum()).backward()
     scaler.step(opt)
+    scaler.update()
     assert torch.allclose(p.detach(), torch.tensor([-1.0, -1.0]))  # overflow: step skipped
-    assert scaler.state_dict() == {"scale": 512.0}
+    assert scaler.get_scale() == 512.0  # and the scale did not back off (mmengine's static scale)
+    state = scaler.state_dict()
+    assert state["scale"] == 512.0
+    again = solver.StaticLossScaler(64.0, "cpu")
+    again.load_state_dict(state)
+    assert again.get_scale() == 512.0
+    old = solver.StaticLossScaler(64.0, "cpu")
+    old.load_state_dict({"scale": 512.0})  # checkpoints of the earlier scaler resume too
+    assert old.get_scale() == 512.0
