@@ -256,6 +256,9 @@ class RunConfig:
     # after evaluation): random or briefly trained weights give next to no detections, which makes
     # post-processing look free.
     bench_detections: bool = False
+    # Also measure torchvision's `fasterrcnn_resnet50_fpn`, built alike, training on the same image
+    # size in this process (R-50-FPN cells on CUDA only): what the framework alone does to Mem.
+    framework_memory: bool = False
     bench_images: int = 0  # fps over this many images after warm-up; 0: no fps measurement
     bench_warmup: int = 5
     pretrained_path: str | None = None  # a local file for `DetectorConfig.pretrained`

@@ -21,6 +21,9 @@ class Metrics:
     box_ap: float | None = None  # percentage points, one decimal
     mem_gb: float | None = None
     mem_kind: str | None = None  # "cuda_max_allocated" | "cpu_peak_rss"
+    # torchvision's fasterrcnn_resnet50_fpn on the same image size in the same process, GB
+    # (RunConfig.framework_memory; R-50-FPN cells on CUDA), else None.
+    framework_mem_gb: float | None = None
     fps: float | None = None
     fps_images: int = 0
     fps_precision: str | None = None
@@ -47,6 +50,10 @@ class Metrics:
     deviations: tuple[str, ...] = field(default_factory=tuple)
     failed_at_iter: int | None = None
     loss_terms: dict[str, float] | None = None
+    # Where the cell's wall time went, seconds (rank 0): start-up (interpreter and imports, before
+    # run_cell), build (model + initialisation + to device), data (datasets and loaders), train,
+    # eval, fps. What makes a short cell cheap or dear (the hardware profile on a GPU).
+    phase_s: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -149,11 +149,13 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     except ImportError as exc:
         raise RuntimeError(f"detector.model.weights is needed to initialise the model and cannot be imported: {exc}") from exc
 
+    phases = _Phases()
     engine.seed_everything(run.seed, deterministic=run.deterministic)
     cfg, cap_deviation = recipes.cap_proposals(cfg, run.proposal_cap)
     model = build_detector(cfg)
     deviations = list(weights.initialise(model, cfg, run))
     model.to(device)
+    phases.mark("build")
     if cap_deviation:
         deviations.insert(0, cap_deviation)
     if run.image_scale is not None and tuple(run.image_scale) != tuple(cfg.data.scale):
@@ -187,6 +189,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     if rank == 0:  # a killed run may have logged past its last checkpoint
         engine.truncate_log(cell_dir / "log.jsonl", resume["iteration"] if resume else 0)
 
+    phases.mark("data")
     base: dict[str, Any] = {
         "world_size": world, "images_per_gpu": run.images_per_gpu, "total_batch": total_batch,
         "lr": schedule.lr, "base_lr": schedule.base_lr, "lr_rescaled": schedule.lr_rescaled,
@@ -205,6 +208,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         return failed_metrics(exc, base)
     mem_gb, mem_kind = measure.peak_memory(device)
     del resume
+    phases.mark("train")
 
     # Evaluation: every rank predicts its share (fp32, as mmdet v3's TestLoop, reference 1.7).
     t0 = time.perf_counter()
@@ -218,6 +222,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     # mmdet CocoMetric keys, fractions (ARCHITECTURE.md); rank 0 only
     coco: dict[str, float] = {k: stats[k] for k in METRIC_KEYS} if stats is not None else {}
     eval_time = time.perf_counter() - t0
+    phases.mark("eval")
 
     fps: dict[str, Any] = {"fps": None, "images": 0, "precision": amp.name}
     if run.bench_images > 0 and rank == 0:
@@ -233,6 +238,8 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
                               f"{bench.det_bias} so that the model yields up to 100 detections per image like a trained one")
         fps = measure.measure_fps(model, _cycle(bench_loader, run.bench_images + run.bench_warmup), device=device,
                                   images=run.bench_images, warmup=run.bench_warmup, amp=fps_amp)  # fmt: skip
+    phases.mark("fps")
+    framework_mem = _framework_memory(cfg, run, device, amp) if rank == 0 else None
     if world > 1:
         dist.barrier()
 
@@ -240,7 +247,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     box_ap = round(map_ * 100, 1) if map_ is not None else None  # the README's "box AP" (reference 1.3)
     return Metrics(
         status="ok", coco=coco, box_ap=box_ap, mem_gb=mem_gb, mem_kind=mem_kind,
-        fps=fps["fps"], fps_images=fps["images"], fps_precision=fps["precision"],
+        fps=fps["fps"], fps_images=fps["images"], fps_precision=fps["precision"], framework_mem_gb=framework_mem,
         iters=result.iters, epochs=round(result.epochs, 4), train_time_s=round(result.train_time_s, 3),
         eval_time_s=round(eval_time, 3), final_loss=result.final_loss, first_loss=result.first_loss,
         # Training throughput, data loading included (the whole loop), over all ranks: what a full
@@ -251,7 +258,52 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         **{k: base[k] for k in ("world_size", "images_per_gpu", "total_batch", "lr", "base_lr", "lr_rescaled")},
         resumed_from_iter=result.resumed_from_iter, eval_split=eval_set.split,
         device=base["device"], device_class=base["device_class"], deviations=tuple(deviations),
+        phase_s=phases.seconds,
     )  # fmt: skip
+
+
+def _framework_memory(cfg: DetectorConfig, run: RunConfig, device: torch.device, amp: solver.Amp) -> float | None:
+    """torchvision's R-50-FPN peak training memory (GB, 3 steps) on the image size this cell's
+    batches pad to, in this process after the cell (`RunConfig.framework_memory`); None where it
+    does not apply: not asked, not CUDA, or a cell without a torchvision counterpart."""
+    bb = cfg.backbone
+    counterpart = bb.depth == 50 and bb.groups == 1 and bb.style == "pytorch" and cfg.neck.kind == "fpn"
+    if not run.framework_memory or device.type != "cuda" or not counterpart:
+        return None
+    from detector.bench.cuda_memory_pair import peak_training_memory
+
+    long, short = run.image_scale or cfg.data.scale
+    with torch.cuda.device(device):
+        gib = peak_training_memory("torchvision", steps=3, amp=amp.name == "fp16", size=(short, long))
+    return round(gib, 1)  # GiB with one decimal, as the cell's own mem_gb
+
+
+class _Phases:
+    """Seconds per phase of a cell: `mark(name)` closes the phase that ends now. The first phase,
+    start-up, runs from the process's start (Linux /proc; 0 where unknown) to this object."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"startup": round(_process_age_s(), 3)}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            # Field 22 is the start time in clock ticks after boot; the command name (field 2)
+            # may contain spaces, so count from the closing parenthesis.
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _rate(images: int, seconds: float) -> float | None:

@@ -21,9 +21,15 @@ import torch
 from detector.bench.pair import BenchSettings, build_pair, make_inputs, theirs_inputs
 
 
-def peak_training_memory(which: str, *, steps: int, amp: bool) -> float:
-    """GiB of `torch.cuda.max_memory_allocated` over `steps` training steps of one model."""
-    settings = BenchSettings()
+def peak_training_memory(which: str, *, steps: int, amp: bool, size: tuple[int, int] = (800, 1333)) -> float:
+    """GiB of `torch.cuda.max_memory_allocated` over `steps` training steps of one model, counted
+    from what was allocated before it was built: alone in a process this is its whole footprint,
+    and inside a cell's process (the hardware profile's `framework_memory`) the cell's own model,
+    still resident, is not counted."""
+    settings = BenchSettings(size=size)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     ours, theirs = build_pair(settings)
     model = ours if which == "ours" else theirs
     del ours, theirs
@@ -36,8 +42,6 @@ def peak_training_memory(which: str, *, steps: int, amp: bool) -> float:
     targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0025, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
@@ -50,7 +54,7 @@ def peak_training_memory(which: str, *, steps: int, amp: bool) -> float:
             scaler.step(opt)
             scaler.update()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 1024**3
+    peak = (torch.cuda.max_memory_allocated() - before) / 1024**3
     del model, opt, images, targets, loss
     gc.collect()
     torch.cuda.empty_cache()

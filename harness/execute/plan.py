@@ -177,6 +177,7 @@ def run_config(
         log_interval=budget.log_interval,
         bench_images=budget.bench_images,
         bench_detections=profile.bench_detections,
+        framework_memory=profile.framework_memory,
         pretrained_path=str(pretrained_path) if pretrained_path else None,
         load_from_path=str(load_from_path) if load_from_path else None,
         progress=progress,

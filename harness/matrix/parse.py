@@ -48,9 +48,9 @@ _PUBLISHED_KEYS = tuple(m.column for m in METRICS)
 # A profile's YAML is flat: its budget fields (`Budget`, limits in `BUDGET_LIMITS`) beside the rest.
 _BUDGET_FIELDS = tuple(f.name for f in fields(Budget))
 _PROFILE_FIELDS = ("data", "compare", *_BUDGET_FIELDS, "images_per_gpu", "workers", "synth_images", "synth_size",
-                   "bench_detections", "cells")
+                   "bench_detections", "framework_memory", "cells")
 _OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50, "warmup_iters": None, "synth_size": None,
-                            "bench_detections": False}
+                            "bench_detections": False, "framework_memory": False}
 
 
 class _Ctx:
@@ -354,7 +354,7 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         if text not in COMPARE_MODES:
             ctx.fail(f"{text!r} is not a comparison mode", field=where, allowed=COMPARE_MODES)
         return text
-    if key == "bench_detections":
+    if key in ("bench_detections", "framework_memory"):
         if not isinstance(value, bool):
             ctx.fail(f"expected true or false, got {value!r}", field=where)
         return value

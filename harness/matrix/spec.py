@@ -137,6 +137,9 @@ class Profile:
     # fps with detections like a trained model's (random weights detect next to nothing): the
     # classifier bias of two classes is raised after evaluation, as `detector.bench.pair` does.
     bench_detections: bool = False
+    # torchvision's R-50-FPN peak memory on the same image size, measured in the R-50-FPN cells'
+    # processes on CUDA (the hardware page's "Framework" line).
+    framework_memory: bool = False
     cells: tuple[str, ...]  # globs restricting the cells of this profile; () = all
 
     def data_root(self, override: str | Path | None = None) -> str:

@@ -184,6 +184,22 @@ def run_times(runs: pd.DataFrame, trends: pd.DataFrame) -> str:
     return markdown_table(columns, rows)
 
 
+def framework_text(runs: pd.DataFrame) -> str:
+    """The "Framework" fact of a page whose runs measured torchvision's memory beside theirs
+    (`framework_memory`): per such cell, ours against torchvision's on the same image size in the
+    same process, or "" when no run did."""
+    if "framework_mem_gb" not in runs.columns:
+        return ""
+    done = runs[(runs["status"] == "ok") & runs["framework_mem_gb"].notna() & runs["mem_gb"].notna()]
+    if done.empty:
+        return ""
+    parts = [f"`{r['name']}` ours {float(r['mem_gb']):.1f} GB, torchvision {float(r['framework_mem_gb']):.1f} GB"
+             + (f" ({r['fps_precision']})" if r.get("fps_precision") else "")
+             for r in done.drop_duplicates("name").to_dict(orient="records")]  # fmt: skip
+    return ("torchvision's `fasterrcnn_resnet50_fpn`, built alike and trained 3 steps on the same image size in the "
+            "same cell process, shows what the framework alone does to Mem: " + "; ".join(parts) + ".")
+
+
 def _coco_description(path: Path) -> str:
     """`info.description` of a COCO annotation file, read from its first 4 KB only (files can be 450 MB)."""
     try:

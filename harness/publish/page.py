@@ -41,6 +41,7 @@ from harness.publish.facts import (
     dataset_facts,
     dataset_text,
     display_path,
+    framework_text,
     measurement,
     profile_text,
     provenance_text,
@@ -137,6 +138,9 @@ def render_report(results: Results) -> str:
     ]
     if parity_fact:
         facts.append(("Parity", parity_fact))
+    framework = framework_text(runs)
+    if framework:
+        facts.append(("Framework", framework))
     if prof.compare == "hardware":
         from harness.results.estimate import estimate_frame, summary_line
 

@@ -25,7 +25,7 @@ from harness.results.verdicts import Scope, judge, precedence, quirk_ids, scope_
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
 COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "seed", "status", "error", "reason",
-    "box_ap", "mem_gb", "mem_kind", "fps", "fps_precision", "device", "device_class",
+    "box_ap", "mem_gb", "mem_kind", "framework_mem_gb", "fps", "fps_precision", "device", "device_class",
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
     "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
     "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
@@ -156,6 +156,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "reason": result.get("reason"),
         **{m.column: _float(getattr(rec, m.field)) if status == "ok" else None for m in METRICS},
         "mem_kind": rec.mem_kind,
+        "framework_mem_gb": _float(rec.framework_mem_gb) if status == "ok" else None,
         "fps_precision": rec.fps_precision,
         "device": rec.device or prov.get("device"),
         "device_class": rec.device_class or prov.get("device_class"),

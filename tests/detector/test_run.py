@@ -25,12 +25,12 @@ SCHEMA_KEYS = {
     "status", "error", "coco", "box_ap", "mem_gb", "mem_kind", "fps", "fps_images", "fps_precision", "iters",
     "epochs", "train_time_s", "eval_time_s", "final_loss", "first_loss", "world_size", "images_per_gpu",
     "total_batch", "lr", "base_lr", "lr_rescaled", "resumed_from_iter", "eval_split", "device", "device_class",
-    "deviations", "failed_at_iter", "loss_terms", "train_images_per_s", "s_per_iter", "threads",
+    "deviations", "failed_at_iter", "loss_terms", "train_images_per_s", "s_per_iter", "threads", "phase_s",
 }  # fmt: skip
 COCO_KEYS = {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l", "bbox_AR@100",
              "bbox_AR@300", "bbox_AR@1000", "bbox_AR_s@1000", "bbox_AR_m@1000", "bbox_AR_l@1000"}  # ARCHITECTURE.md
 # Times, memory and the resume marker legitimately differ between two runs of the same cell.
-VOLATILE = {"train_time_s", "eval_time_s", "mem_gb", "fps", "resumed_from_iter", "train_images_per_s", "s_per_iter"}
+VOLATILE = {"train_time_s", "eval_time_s", "mem_gb", "fps", "resumed_from_iter", "train_images_per_s", "s_per_iter", "phase_s"}
 # Two cores are shared: one thread per process avoids OpenMP oversubscription (10x slower).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -86,6 +86,9 @@ def test_cell_writes_schema_log_checkpoints_and_reruns_from_the_final_checkpoint
     assert m["base_lr"] == 0.02 and m["lr"] == pytest.approx(0.0025) and m["lr_rescaled"] is True
     assert m["eval_split"] == "val2017" and m["resumed_from_iter"] == 0
     assert m["mem_kind"] == "cpu_peak_rss" and m["mem_gb"] > 0
+    # Where the wall time went: every phase in order, start-up (interpreter + imports) included.
+    assert list(m["phase_s"]) == ["startup", "build", "data", "train", "eval", "fps"]
+    assert m["phase_s"]["startup"] > 0.1 and m["phase_s"]["train"] >= m["train_time_s"] * 0.9
     assert m["fps"] > 0 and m["fps_images"] == 3 and m["fps_precision"] == "fp32"
     assert m["device"] == "cpu" and m["device_class"] == "cpu"
     assert m["box_ap"] == round(m["coco"]["bbox_mAP"] * 100, 1)
@@ -290,3 +293,34 @@ def test_batch_deviations_keep_the_lr_for_the_recipes_total_batch() -> None:
     assert "4 process(es) x 4 images" in four and "unchanged" in four
     (small,) = batch_deviations(1, 2, base_lr=0.02, lr=0.0025)
     assert small.endswith("total batch 2 instead of 8 GPUs x 2 = 16; lr 0.02 -> 0.0025 (linear scaling)")
+
+
+def test_framework_memory_is_only_measured_where_torchvision_has_the_cell() -> None:
+    """torchvision's memory beside ours: asked for by the profile, R-50-FPN pytorch-style cells, on
+    CUDA; None everywhere else (no measurement, no cost)."""
+    from detector.run import _framework_memory
+    from detector.train import solver
+
+    cpu = torch.device("cpu")
+    asked = RunConfig(data_root=".", framework_memory=True)
+    assert _framework_memory(resolve({}), asked, cpu, solver.resolve_amp("fp32", cpu)) is None  # not CUDA
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        fp32 = solver.resolve_amp("fp32", cuda)
+        assert _framework_memory(resolve({}), RunConfig(data_root="."), cuda, fp32) is None  # not asked
+        assert _framework_memory(resolve({"style": "caffe"}), asked, cuda, fp32) is None  # no counterpart
+        assert _framework_memory(resolve({"backbone": "r101"}), asked, cuda, fp32) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_framework_memory_on_cuda_is_torchvision_alone() -> None:
+    from detector.run import _framework_memory
+    from detector.train import solver
+
+    cuda = torch.device("cuda")
+    resident = torch.empty(2**28, device=cuda)  # 1 GiB of "our model" that must not be counted
+    run = RunConfig(data_root=".", framework_memory=True, image_scale=(666, 400))
+    gb = _framework_memory(resolve({}), run, cuda, solver.resolve_amp("fp32", cuda))
+    assert gb is not None and 0.2 < gb < 3.0, gb
+    del resident

@@ -34,6 +34,7 @@ def write_run(
     deviations: list[str] | None = None,
     finished_at: str = "2025-01-02T03:04:05+00:00",
     checkpoint: bool = False,
+    framework_mem_gb: float | None = None,
 ) -> Path:
     """Write one fake cell folder under `runs_dir` and return it."""
     folder = Path(runs_dir) / MATRIX / profile / cell
@@ -48,7 +49,7 @@ def write_run(
         "train_time_s": 1.0, "eval_time_s": 1.0, "final_loss": 1.0, "first_loss": 2.0, "world_size": 1,
         "images_per_gpu": 2, "total_batch": 2, "lr": 0.0025, "base_lr": 0.02, "lr_rescaled": True,
         "resumed_from_iter": 0, "eval_split": eval_split, "device": device, "device_class": device_class,
-        "deviations": deviations or [], "failed_at_iter": None, "loss_terms": None,
+        "deviations": deviations or [], "failed_at_iter": None, "loss_terms": None, "framework_mem_gb": framework_mem_gb,
     }
     result = {
         "name": cell, "matrix": MATRIX, "profile": profile, "seed": seed, "status": status,

@@ -234,3 +234,17 @@ def test_no_parity_marks_no_parity_column(matrix: MatrixSpec, tmp_path: Path, mo
     write_run(runs, R50, profile="smoke", box_ap=1.0, data_root=str(write_synthetic_root(tmp_path / "data")), eval_split="train2017")
     text = write_report(gather(matrix, "smoke", runs), tmp_path / "out").read_text(encoding="utf-8")
     assert all(PARITY_COLUMN not in t["header"] for t in parse_tables(text)) and "| Parity |" not in text
+
+
+def test_hardware_page_says_what_torchvision_used_beside_ours(matrix: MatrixSpec, tmp_path: Path) -> None:
+    """The "Framework" fact: ours against torchvision's memory, measured in the same cell process,
+    for the cells that measured it; no such line when none did."""
+    runs = tmp_path / "runs"
+    write_run(runs, "faster-rcnn_r50_fpn_1x_coco", profile="hardware", mem_gb=2.5, device_class="H200", framework_mem_gb=2.4)
+    write_run(runs, "faster-rcnn_r101_fpn_1x_coco", profile="hardware", mem_gb=3.0, device_class="H200")
+    text = render_report(gather(matrix, "hardware", runs))
+    line = next(ln for ln in text.splitlines() if "Framework" in ln)
+    assert "`faster-rcnn_r50_fpn_1x_coco` ours 2.5 GB, torchvision 2.4 GB (fp32)" in line and "r101" not in line
+    bare = tmp_path / "bare"
+    write_run(bare, "faster-rcnn_r50_fpn_1x_coco", profile="hardware", mem_gb=2.5, device_class="H200")
+    assert "Framework" not in render_report(gather(matrix, "hardware", bare))
