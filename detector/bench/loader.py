@@ -1,7 +1,7 @@
 """How fast the training data pipeline delivers images: does it keep up with the accelerator?
 
 `python -m detector.bench.loader --data ROOT [--workers 0,2,4,8] [--batches 40] [--device cuda]`
-runs the real training pipeline of a cell (`harness run`'s: COCO JSON, JPEG decode, the recipe's
+(or `--synthetic N`: N generated 640 x 480 JPEGs, COCO's typical size, where no COCO is at hand) runs the real training pipeline of a cell (`harness run`'s: COCO JSON, JPEG decode, the recipe's
 resize and flip, the aspect-ratio batch sampler, collate, pinned memory and the non-blocking copy to
 the device when it is CUDA) for each worker count and reports images/s after the first batches
 (worker start-up is reported apart). No model runs: this is the rate the loader can feed.
@@ -12,6 +12,7 @@ slower than the GPU is the bottleneck.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def _endless(loader: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detector.bench.loader", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="COCO-layout root (e.g. coco128 or COCO 2017)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="COCO-layout root (e.g. coco128 or COCO 2017)")
+    source.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic 640x480 JPEGs in a temporary folder instead")
     parser.add_argument("--ann", default="annotations/instances_train2017.json", help="annotation file under --data (default %(default)s)")
     parser.add_argument("--images", default="train2017", help="image folder under --data (default %(default)s)")
     parser.add_argument("--workers", default="0,2,4,8", help="comma-separated worker counts to measure (default %(default)s)")
@@ -76,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers: {args.workers!r} is not a comma-separated list of integers")
     if not workers or min(workers) < 0 or args.batches < 1 or args.skip < 0 or args.images_per_gpu < 1:
         parser.error("--workers must be >= 0, --batches and --images-per-gpu >= 1, --skip >= 0")
+    tmp = None
+    if args.synthetic is not None:
+        if args.synthetic < args.images_per_gpu:
+            parser.error(f"--synthetic: {args.synthetic} images cannot fill a batch of {args.images_per_gpu}")
+        from detector.data.synth import make_synthetic_coco
+
+        tmp = tempfile.TemporaryDirectory(prefix="loader-bench-")
+        args.data = make_synthetic_coco(Path(tmp.name) / "coco", images=args.synthetic, size=(640, 480), val_images=1)
     if not (args.data / args.ann).is_file():
         parser.error(f"--data/--ann: {args.data / args.ann} is not a file")
     device = torch.device(args.device)
@@ -88,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"loader: {w:2d} workers: {row['images_per_s']:7.1f} images/s ({row['s_per_batch'] * 1000:.1f} ms per "
               f"batch of {args.images_per_gpu}; first batch after {row['first_batch_s']:.2f} s)")  # fmt: skip
-    doc = {"data": str(args.data), "ann": args.ann, "images_per_gpu": args.images_per_gpu, "device": args.device,
+    doc = {"data": f"synthetic: {args.synthetic} JPEGs of 640x480" if tmp else str(args.data), "ann": args.ann, "images_per_gpu": args.images_per_gpu, "device": args.device,
            "pipeline": "decode (PIL) + resize 1333x800 keep-ratio (cv2 INTER_LINEAR) + flip 0.5 + aspect-ratio batches "
                        "+ collate" + (" + pinned non-blocking copy to the device" if device.type == "cuda" else ""),
            "rows": rows, "machine": machine()}  # fmt: skip
     if args.out:
         write_json_atomic(args.out, doc, indent=2)
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

@@ -31,6 +31,13 @@ def test_rates_per_worker_count_and_json(root: Path, tmp_path: Path, capsys: pyt
     assert "0 workers" in capsys.readouterr().out
 
 
+def test_synthetic_source_needs_no_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    assert loader.main(["--synthetic", "4", "--workers", "0", "--batches", "2", "--skip", "0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["data"].startswith("synthetic: 4") and doc["rows"][0]["images"] == 4
+
+
 def test_batches_are_uint8_as_decoded(root: Path) -> None:
     """The loader hands uint8 images on (a quarter of the bytes to pin and copy); the model
     normalises them to the same batch as float copies of them (caffe-style BGR flip included)."""

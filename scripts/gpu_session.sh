@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One prepared GPU session on a lent machine (H200 or H100; README "Measuring on a lent GPU"): the
+# `gpu`-marked tests, the GPU benchmark against torchvision (issue 12), the data pipeline's rate, and
+# the hardware profile over the matrix (issue 13), resuming the cells earlier sessions measured.
+# Everything lands under $OUT.
+#
+# Prepare here, once, with a package registry (the GPU machine has none; it has torch, torchvision,
+# pandas, matplotlib, yaml, jinja2, PIL, pytest):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl pycocotools==2.0.11 submitit==1.5.4 opencv-python-headless   # .whl/ is git-ignored
+# and run on the device with carry [".whl"] (about 64 MB, opencv most of it):
+#   OUT=$OUT HARNESS_GIT_COMMIT=<commit> bash scripts/gpu_session.sh [all|bench|matrix]
+# The matrix part copies reports/faster_rcnn/hardware-<gpu>/runs (the cells measured before, in the
+# same /tmp/runs path, so the ledger takes them as finished) and runs the rest for MATRIX_BUDGET_S
+# seconds; runs.tgz comes back to be unpacked into that folder and the page regenerated:
+#   harness report faster_rcnn --profile hardware --runs-dir R --reports-dir reports/faster_rcnn/hardware-<gpu>
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+PART=${1:-all}
+MATRIX_BUDGET_S=${MATRIX_BUDGET_S:-330}
+RUNS=/tmp/runs
+S=$(mktemp -d)
+wheels=(.whl/pycocotools*.whl .whl/submitit*.whl)
+python3 -c "import cv2" 2>/dev/null || wheels+=(.whl/opencv*.whl)
+python3 -m pip install -q --no-index --no-deps --target "$S" "${wheels[@]}" || exit 1
+export PYTHONPATH="$S:$PWD" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+GPU=$(python3 -c "import torch; from detector.bench.measure import device_class, device_name; print(device_class(device_name(torch.device('cuda'))).lower())")
+echo "gpu class: $GPU" >> "$OUT/gpu.txt"
+t0=$SECONDS
+
+if [ "$PART" = all ] || [ "$PART" = bench ]; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
+  echo "exit $?" >> "$OUT/pytest_gpu.txt"
+  timeout 240 python3 -m detector.bench.gpu --ablation --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  echo "exit $?" >> "$OUT/bench.log"
+  timeout 90 python3 -m detector.bench.loader --synthetic 64 --workers 0,2,4,8,12 --batches 60 --device cuda \
+    --out "$OUT/loader.json" > "$OUT/loader.log" 2>&1
+  echo "exit $?" >> "$OUT/loader.log"
+  echo "bench part: $((SECONDS - t0)) s" >> "$OUT/gpu.txt"
+fi
+
+if [ "$PART" = all ] || [ "$PART" = matrix ]; then
+  earlier="reports/faster_rcnn/hardware-$GPU/runs"
+  if [ -d "$earlier" ] && [ ! -d "$RUNS/faster_rcnn" ]; then
+    mkdir -p "$RUNS" && cp -r "$earlier/." "$RUNS/"
+  fi
+  t1=$SECONDS
+  timeout "$MATRIX_BUDGET_S" python3 -m harness run faster_rcnn --profile hardware --device cuda --runs-dir "$RUNS" \
+    > "$OUT/run.log" 2>&1
+  echo "run exit $? after $((SECONDS - t1)) s" >> "$OUT/run.log"
+  tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude='_data' --exclude='.lock' --exclude='_report' .
+  tail -5 "$OUT/run.log"
+fi
+cat "$OUT/gpu.txt"; tail -3 "$OUT/pytest_gpu.txt" 2>/dev/null; tail -12 "$OUT/bench.log" 2>/dev/null; tail -6 "$OUT/loader.log" 2>/dev/null
