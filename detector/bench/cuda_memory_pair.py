@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from detector.bench.gpu import make_call
 from detector.bench.pair import BenchSettings, build_pair, make_inputs, theirs_inputs
 
 
@@ -40,22 +41,12 @@ def peak_training_memory(which: str, *, steps: int, amp: bool, size: tuple[int, 
     model = model.to(dev).train()
     images = [im.to(dev) for im in images]
     targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0025, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    step = make_call(model, "train", images, targets, precision="amp" if amp else "fp32", device=dev, seed=0)
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            loss = sum(model(images, targets).values())
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 1024**3
-    del model, opt, images, targets, loss
+    del model, step, images, targets
     gc.collect()
     torch.cuda.empty_cache()
     return round(peak, 3)
