@@ -50,7 +50,9 @@ class _SyncCounter(TorchDispatchMode):
 
 
 def count_syncs(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
-    """Run `fn` once; returns (host syncs it would make on CUDA, by operator).
+    """Run `fn` once; returns (host syncs it would make on CUDA, by operator). Run inference under
+    `torch.no_grad()`, not `torch.inference_mode()`: inference mode hides the `nonzero` inside
+    composite operators (single-argument `torch.where`, boolean indexing) from the dispatch mode.
 
     `Tensor.tolist()` reads a CPU tensor without any operator, so it is counted by wrapping the
     method for the call. Not counted: torchvision's `batched_nms` runs one NMS per group on CPU

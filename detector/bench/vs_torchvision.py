@@ -61,6 +61,15 @@ def infer_call(model: nn.Module, images: list[Tensor]) -> Callable[[], list[dict
     return call
 
 
+def _no_grad_infer(model: nn.Module, images: list[Tensor]) -> Callable[[], Any]:
+    def call() -> Any:
+        model.eval()
+        with torch.no_grad():
+            return model(images)
+
+    return call
+
+
 def train_call(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]], *, seed: int) -> Callable[[], float]:
     """One SGD step (mmdet's 1x optimiser: momentum 0.9, weight decay 1e-4; lr 0.02 / 8 for two
     images) on the summed losses. The sampler's RNG is reseeded before every step of either model."""
@@ -243,8 +252,10 @@ def run(
     if ablate:
         ablated["train"] = ablation(ours, ours_train, theirs_train, rounds=settings.train_pairs, warmup=settings.warmup)
         log("bench: training ablation " + ", ".join(f"{r['variant']} {r['ratio']}" for r in ablated["train"]))
+    # Inference counted under no_grad: inference_mode hides the nonzero inside composite ops
+    # (single-argument torch.where, boolean indexing) from the counting dispatch mode.
     syncs = {mode: {which: count_syncs(call)[1] for which, call in calls.items()}
-             for mode, calls in (("infer", {"ours": ours_infer, "theirs": theirs_infer}),
+             for mode, calls in (("infer", {"ours": _no_grad_infer(ours, images[:1]), "theirs": _no_grad_infer(theirs, tv_images[:1])}),
                                  ("train", {"ours": ours_train, "theirs": theirs_train}))}  # fmt: skip
     del ours, theirs, ours_infer, theirs_infer, ours_train, theirs_train
 

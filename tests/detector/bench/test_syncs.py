@@ -41,3 +41,12 @@ def test_our_training_step_stays_within_its_sync_budget() -> None:
     # on CUDA it is one NMS: that part is counted as one.
     nms = by_op.get("torchvision::nms", 0)
     assert total - 2 * nms - by_op.get("aten::_unique2", 0) + 1 <= 24, by_op
+
+
+def test_inference_is_counted_under_no_grad_as_the_bench_does() -> None:
+    """inference_mode hides syncs inside composite operators from the counter; no_grad does not
+    (which is why the benchmark counts inference under no_grad)."""
+    x = torch.arange(10.0)
+    with torch.no_grad():
+        seen = count_syncs(lambda: torch.where(x > 3))[0]
+    assert seen == 1
