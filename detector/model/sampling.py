@@ -36,7 +36,8 @@ def max_iou_assign(
     overlaps = box_iou(gt_boxes, priors)  # [G, P]
     max_overlaps, argmax = overlaps.max(dim=0)
     gt_inds = torch.full((num_priors,), -1, dtype=torch.long, device=priors.device)
-    gt_inds[(max_overlaps >= 0) & (max_overlaps < neg_iou_thr)] = 0
+    # masked_fill, not `gt_inds[mask] = 0`: torch 2.11 runs the latter as a masked index_put_, a host sync on CUDA.
+    gt_inds = gt_inds.masked_fill((max_overlaps >= 0) & (max_overlaps < neg_iou_thr), 0)
     pos = max_overlaps >= pos_iou_thr
     gt_inds = torch.where(pos, argmax + 1, gt_inds)
     if match_low_quality:
