@@ -80,8 +80,9 @@ def synchronize(device: torch.device) -> None:
 def make_call(model: nn.Module, kind: str, images: list[Tensor], targets: list[dict[str, Tensor]], *,
               precision: str, device: torch.device, seed: int) -> Callable[[], None]:  # fmt: skip
     """One call, ending with the device synchronised: inference under `inference_mode`, or one SGD
-    step (mmdet's 1x optimiser at lr 0.02 / 16 per image) with loss scaling under fp16 autocast.
-    The samplers' RNG is reseeded before every step of either model."""
+    step (mmdet's momentum and weight decay; a small lr, since speed does not depend on it and random
+    weights must not diverge over the timed steps) with loss scaling under fp16 autocast. The
+    samplers' RNG is reseeded before every step of either model."""
     if kind == "infer":
 
         def infer() -> None:
@@ -92,7 +93,7 @@ def make_call(model: nn.Module, kind: str, images: list[Tensor], targets: list[d
 
         return infer
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.02 / 16 * len(images), momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" and device.type == "cuda" else None
 
     def train() -> None:
@@ -125,8 +126,8 @@ def peak_memory(call: Callable[[], None], device: torch.device) -> float | None:
 
 
 def count_syncs(call: Callable[[], None], device: torch.device) -> int | None:
-    """Host synchronisations one call makes (CUDA's sync debug mode warns at each; the final
-    `synchronize` of the call is not one it asks for and is subtracted)."""
+    """Host synchronisations one call makes (CUDA's sync debug mode warns at each implicit one; the
+    explicit `synchronize` that ends every timed call is not among them)."""
     if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as seen:
@@ -236,11 +237,15 @@ def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print) -> di
     tv_images, tv_targets = theirs_inputs(images, targets)
     moved = [[im.to(device) for im in ims] for ims in (images, tv_images)]
     moved_t = [[{k: v.to(device) for k, v in t.items()} for t in ts] for ts in (targets, tv_targets)]
+    # Every case starts from the same weights: the training cases step both models.
+    initial = [{k: v.clone() for k, v in m.state_dict().items()} for m in (ours, theirs)]
     results: dict[str, Any] = {}
     ablation: dict[str, Any] = {}
     for precision in settings.precisions:
         for case in settings.cases:
             kind, n = CASES[case]
+            for model, state in zip((ours, theirs), initial):
+                model.load_state_dict(state)
             calls = {
                 "ours": make_call(ours, kind, moved[0][:n], moved_t[0][:n], precision=precision, device=device, seed=settings.seed),
                 "theirs": make_call(theirs, kind, moved[1][:n], moved_t[1][:n], precision=precision, device=device, seed=settings.seed),
@@ -260,6 +265,7 @@ def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print) -> di
             log(f"bench gpu: {case} {precision}: ours {summary['ours_median_s'] * 1000:.1f} ms, torchvision "
                 f"{summary['theirs_median_s'] * 1000:.1f} ms, ratio {summary['ratio']:.3f}")  # fmt: skip
         if settings.ablation:
+            ours.load_state_dict(initial[0])
             calls = {case: make_call(ours, CASES[case][0], moved[0][: CASES[case][1]], moved_t[0][: CASES[case][1]],
                                      precision=precision, device=device, seed=settings.seed)
                      for case in ("infer1", "train2") if case in settings.cases}  # fmt: skip
