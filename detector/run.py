@@ -266,11 +266,13 @@ def _framework_memory(cfg: DetectorConfig, run: RunConfig, device: torch.device,
     """torchvision's R-50-FPN peak training memory (GB, 3 steps) on the image size this cell's
     batches pad to, in this process after the cell (`RunConfig.framework_memory`); None where it
     does not apply: not asked, not CUDA, or a cell without a torchvision counterpart."""
-    bb = cfg.backbone
-    counterpart = bb.depth == 50 and bb.groups == 1 and bb.style == "pytorch" and cfg.neck.kind == "fpn"
-    if not run.framework_memory or device.type != "cuda" or not counterpart:
+    if not run.framework_memory or device.type != "cuda":
         return None
     from detector.bench.cuda_memory_pair import peak_training_memory
+    from detector.bench.pair import has_torchvision_counterpart
+
+    if not has_torchvision_counterpart(cfg):
+        return None
 
     long, short = run.image_scale or cfg.data.scale
     with torch.cuda.device(device):

@@ -94,6 +94,12 @@ def torchvision_kwargs(cfg: DetectorConfig, size: tuple[int, int]) -> dict[str, 
     }
 
 
+def has_torchvision_counterpart(cfg: DetectorConfig) -> bool:
+    """Whether torchvision builds this cell's model: ResNet-50 (not ResNeXt), pytorch style, FPN."""
+    bb = cfg.backbone
+    return bb.depth == 50 and bb.groups == 1 and bb.style == "pytorch" and cfg.neck.kind == "fpn"
+
+
 def build_torchvision(cfg: DetectorConfig, size: tuple[int, int]) -> TVFasterRCNN:
     """torchvision's R-50-FPN Faster R-CNN as `fasterrcnn_resnet50_fpn` builds it for a user who
     fine-tunes from ImageNet weights (FrozenBatchNorm2d, `trainable_backbone_layers=3`: stem and res2
@@ -102,7 +108,7 @@ def build_torchvision(cfg: DetectorConfig, size: tuple[int, int]) -> TVFasterRCN
     (`fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)` would switch to training
     BatchNorm2d with batch statistics and all stages trainable: a setup nobody trains a detector in.)
     """
-    if cfg.backbone.depth != 50 or cfg.neck.kind != "fpn":
+    if not has_torchvision_counterpart(cfg):
         raise ValueError("build_torchvision: only the R-50-FPN cell has a torchvision counterpart")
     backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=4 - cfg.backbone.frozen_stages)
     return TVFasterRCNN(backbone, num_classes=cfg.num_classes + 1, **torchvision_kwargs(cfg, size))
@@ -188,5 +194,6 @@ def theirs_inputs(images: list[Tensor], targets: list[dict[str, Tensor]]) -> tup
     return [im / 255 for im in images], [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
 
 
-__all__ = ["DIFFERENCES", "BenchSettings", "build_pair", "build_torchvision", "copy_weights", "make_inputs", "our_config",
+__all__ = ["DIFFERENCES", "BenchSettings", "build_pair", "build_torchvision", "copy_weights", "has_torchvision_counterpart",
+           "make_inputs", "our_config",
            "set_detection_bias", "theirs_inputs", "torchvision_kwargs"]
