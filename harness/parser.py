@@ -43,6 +43,10 @@ def _int_at_least(low: int, what: str, *, high: int | None = None) -> Callable[[
 
 
 _positive = _int_at_least(1, "a positive integer")
+
+
+def _jobs(text: str) -> int | str:
+    return "auto" if text == "auto" else _int_at_least(1, "a positive integer or 'auto'")(text)
 _non_negative = _int_at_least(0, "an integer >= 0")
 
 
@@ -59,7 +63,8 @@ def _add_run_flags(p: argparse.ArgumentParser, *, profile: str = "smoke", matrix
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--executor", choices=("local", "submitit"), default="local",
                    help="local subprocesses (default) or submitit (Slurm when sbatch is there; needs the cluster extra)")  # fmt: skip
-    p.add_argument("--jobs", type=_positive, default=1, metavar="N", help="cells in flight at once (default 1)")
+    p.add_argument("--jobs", type=_jobs, metavar="N|auto",
+                   help="cells in flight at once (default: the profile's; auto: one per CPU core on CPU, 1 on CUDA)")
     p.add_argument("--nproc-per-cell", type=_positive, default=1, metavar="N", help="torchrun processes per cell")
     p.add_argument("--nnodes", type=_positive, default=1, metavar="N",
                    help="nodes per cell, each running --nproc-per-cell processes (torchrun c10d rendezvous; on Slurm "

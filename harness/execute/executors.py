@@ -111,6 +111,44 @@ def thread_env(*, jobs: int, nproc_per_cell: int, nodes_here: int = 1) -> dict[s
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
+# "auto" keeps this much available memory per concurrent cell: a smoke cell peaks at about 2.2 GB
+# resident (C4), so a host with many cores and little memory does not swap.
+AUTO_JOBS_GIB_PER_CELL = 3.0
+
+
+def _available_gib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def resolve_jobs(requested: int | str, *, device: str, executor: str, nproc_per_cell: int, cells: int,
+                 cores: int | None = None, available_gib: float | None = None) -> int:
+    """`--jobs` (or the profile's `jobs`) as a number of cells in flight.
+
+    "auto": on the local executor on CPU, one cell per core (`thread_env` then gives each process one
+    thread: on 2 cores two one-thread cells ran the smoke matrix 1.5x faster than one two-thread cell,
+    since its small tensors barely spread over threads), at most one per `AUTO_JOBS_GIB_PER_CELL` of
+    available memory and no more than there are cells. On CUDA 1 (cells would share the one GPU they
+    time), and 1 under submitit (its jobs run elsewhere: `--jobs N` says how many to keep queued).
+    """
+    if requested != "auto":
+        return int(requested)
+    if device != "cpu" or executor != "local":
+        return 1
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    n = min(max(1, cores // max(1, nproc_per_cell)), max(1, cells))
+    gib = available_gib if available_gib is not None else _available_gib()
+    if gib is not None:
+        n = min(n, max(1, int(gib // AUTO_JOBS_GIB_PER_CELL)))
+    return n
+
+
 class Handle(Protocol):
     """A started cell: `poll()` is None while it runs, then its exit code; `cancel()` stops it."""
 
@@ -479,6 +517,7 @@ __all__ = [
     "SubmititExecutor",
     "cell_argv",
     "make_executor",
+    "resolve_jobs",
     "run_pool",
     "thread_env",
 ]

@@ -31,7 +31,7 @@ from detector.api import (
 )
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, check_name, profile_dir
-from harness.execute.executors import make_executor, thread_env
+from harness.execute.executors import make_executor, resolve_jobs, thread_env
 from harness.execute.provenance import base_provenance
 from harness.execute.runner import CellJob, RunSummary, run_jobs
 from harness.matrix.spec import Cell, MatrixSpec, Profile
@@ -363,13 +363,16 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
         pretrained=pretrained, require_pretrained=require, data=data, classes=getattr(args, "classes", None),
     )  # fmt: skip
     where = profile_dir(runs_dir, matrix.name, profile.name)
+    asked = args.jobs if args.jobs is not None else profile.jobs
+    in_flight = resolve_jobs(asked, device=device, executor=args.executor, nproc_per_cell=args.nproc_per_cell * args.nnodes,
+                             cells=len(jobs))
     log(f"{matrix.name} / {profile.name}: {len(cells)} cells x {len(seeds)} seed(s) on {device} "
-        f"({args.executor}, {args.jobs} at a time), data {data_root}, runs in {where}")  # fmt: skip
+        f"({args.executor}, {in_flight} at a time{' (auto)' if asked == 'auto' else ''}), data {data_root}, runs in {where}")  # fmt: skip
     t0 = time.monotonic()
     summary = run_jobs(
-        jobs, executor=executor, base_provenance=base_provenance(), nproc_per_cell=args.nproc_per_cell,
-        nnodes=args.nnodes, max_in_flight=args.jobs, force=args.force, log=log,
-        env=thread_env(jobs=args.jobs, nproc_per_cell=args.nproc_per_cell,
+        jobs, executor=executor, base_provenance=base_provenance(cells_at_once=in_flight), nproc_per_cell=args.nproc_per_cell,
+        nnodes=args.nnodes, max_in_flight=in_flight, force=args.force, log=log,
+        env=thread_env(jobs=in_flight, nproc_per_cell=args.nproc_per_cell,
                        nodes_here=args.nnodes if args.executor == "local" else 1),
     )  # fmt: skip
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("ok", "failed", "skipped"))

@@ -168,13 +168,14 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": model, "cores": os.cpu_count(), "load_1m": load}
 
 
-def base_provenance(*, include_host: bool = True) -> dict[str, Any]:
-    """What is the same for every cell of one `harness run`: git, versions, host and machine."""
+def base_provenance(*, include_host: bool = True, cells_at_once: int | None = None) -> dict[str, Any]:
+    """What is the same for every cell of one `harness run`: git, versions, host and machine (with how
+    many cells ran at once, which a cell's timings depend on)."""
     out: dict[str, Any] = dict(git_info())
     out["versions"] = library_versions()
     if include_host:
         out["hostname"] = hostname()
-        out["machine"] = machine_info()
+        out["machine"] = {**machine_info(), **({"cells_at_once": cells_at_once} if cells_at_once else {})}
     return out
 
 

@@ -48,9 +48,9 @@ _PUBLISHED_KEYS = tuple(m.column for m in METRICS)
 # A profile's YAML is flat: its budget fields (`Budget`, limits in `BUDGET_LIMITS`) beside the rest.
 _BUDGET_FIELDS = tuple(f.name for f in fields(Budget))
 _PROFILE_FIELDS = ("data", "compare", *_BUDGET_FIELDS, "images_per_gpu", "workers", "synth_images", "synth_size",
-                   "bench_detections", "framework_memory", "cells")
+                   "bench_detections", "framework_memory", "jobs", "cells")
 _OPTIONAL_PROFILE_FIELDS = {"proposal_cap": None, "log_interval": 50, "warmup_iters": None, "synth_size": None,
-                            "bench_detections": False, "framework_memory": False}
+                            "bench_detections": False, "framework_memory": False, "jobs": 1}
 
 
 class _Ctx:
@@ -367,6 +367,12 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
         return (integer(value[0], low, False), integer(value[1], low, False))
     if key == "cells":
         return tuple(ctx.text(v, where) for v in ctx.seq(value, where))
+    if key == "jobs":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            ctx.fail(f"expected an integer >= 1 or 'auto', got {value!r}", field=where)
+        return value
     minimum, nullable = BUDGET_LIMITS.get(key, ({"images_per_gpu": 1}.get(key, 0), False))
     return integer(value, minimum, nullable=nullable)
 

@@ -41,6 +41,7 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["run", "faster_rcnn", "--only", "faster-rcnn_r52_fpn_1x_coco"], "faster-rcnn_r52_fpn_1x_coco"),
         (["run", "faster_rcnn", "--jobs", "0"], "--jobs"),
         (["run", "faster_rcnn", "--jobs", "two"], "--jobs"),
+        (["run", "faster_rcnn", "--jobs", "Auto"], "expected a positive integer or 'auto'"),
         (["run", "faster_rcnn", "--seeds", "-1"], "--seeds"),
         (["run", "faster_rcnn", "--device", "tpu"], "--device"),
         (["run", "faster_rcnn", "--executor", "ray"], "--executor"),
@@ -206,8 +207,10 @@ def test_reproduce_one_real_cell_then_the_ledger_skips_it(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 ok, 0 failed" in proc.stdout and "page: " in proc.stdout and "verdicts: " in proc.stdout
     assert "start   " + R50 in proc.stderr and f"ok      {R50}: " in proc.stderr
+    assert "(local, 1 at a time (auto))" in proc.stderr  # the smoke profile's jobs: auto, one cell to run
     cell = tmp_path / "runs" / "tiny" / "tiny" / R50
     result = json.loads((cell / "result.json").read_text())
+    assert result["provenance"]["machine"]["cells_at_once"] == 1
     assert result["status"] == "ok" and result["metrics"]["iters"] == 1 and result["provenance"]["resumed_from_iter"] == 0
     assert result["metrics"]["eval_split"] == "val2017" and (tmp_path / "page" / "README.md").is_file()
     assert (tmp_path / "runs" / "_data" / "synthetic-2-s0" / "annotations" / "instances_train2017.json").is_file()

@@ -16,6 +16,7 @@ from harness.execute.executors import (
     SubmititExecutor,
     cell_argv,
     make_executor,
+    resolve_jobs,
     run_pool,
     thread_env,
 )
@@ -99,6 +100,19 @@ def test_thread_env_splits_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert thread_env(jobs=1, nproc_per_cell=2, nodes_here=2)["OMP_NUM_THREADS"] == "4"  # local --nnodes 2
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert thread_env(jobs=2, nproc_per_cell=1) == {}
+
+
+def test_resolve_jobs_auto_is_one_cell_per_core_on_local_cpu_only() -> None:
+    auto = {"device": "cpu", "executor": "local", "nproc_per_cell": 1, "cells": 30, "cores": 2, "available_gib": 20.0}
+    assert resolve_jobs("auto", **auto) == 2
+    assert resolve_jobs("auto", **{**auto, "cores": 16}) == 6  # 20 GiB / 3 GiB per cell
+    assert resolve_jobs("auto", **{**auto, "cores": 16, "available_gib": 100.0}) == 16
+    assert resolve_jobs("auto", **{**auto, "cores": 16, "nproc_per_cell": 4, "available_gib": 100.0}) == 4
+    assert resolve_jobs("auto", **{**auto, "cells": 1}) == 1
+    assert resolve_jobs("auto", **{**auto, "available_gib": 1.0}) == 1
+    assert resolve_jobs("auto", **{**auto, "device": "cuda"}) == 1  # cells would share the GPU they time
+    assert resolve_jobs("auto", **{**auto, "executor": "submitit"}) == 1
+    assert resolve_jobs(3, **{**auto, "device": "cuda"}) == 3  # a number is what it says
 
 
 def test_local_executor_runs_without_shell_and_captures_output(tmp_path: Path) -> None:

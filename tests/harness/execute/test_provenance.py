@@ -99,3 +99,17 @@ def test_base_provenance_of_this_checkout() -> None:
     base = provenance.base_provenance()
     assert set(base) >= {"git_commit", "git_dirty", "versions", "hostname"}
     assert base["git_commit"] == "unknown" or len(base["git_commit"]) == 40
+    assert "cells_at_once" not in base["machine"]
+    assert provenance.base_provenance(cells_at_once=2)["machine"]["cells_at_once"] == 2  # timings depend on it
+
+
+def test_machine_text_says_how_many_cells_ran_at_once() -> None:
+    import pandas as pd
+
+    from harness.publish.facts import machine_text
+
+    ran = pd.DataFrame({"device": ["cpu", "cpu"], "cpu": ["AMD EPYC"] * 2, "cores": [2, 2], "threads": [1, 1],
+                        "load_1m": [0.5, 1.5], "cells_at_once": [2, 2]})
+    assert machine_text(ran) == ("device cpu (host: CPU AMD EPYC, 2 logical cores, 1 torch threads per cell, "
+                                 "2 cell(s) at a time, load 0.5-1.5 when the run began)")
+    assert "at a time" not in machine_text(ran.assign(cells_at_once=None))  # runs from before it was recorded

@@ -188,6 +188,7 @@ def test_profiles_and_tolerances(spec: MatrixSpec) -> None:
     assert set(spec.profiles) == {"smoke", "ci", "hardware", "full"}
     smoke, ci, full = spec.profile("smoke"), spec.profile("ci"), spec.profile("full")
     assert (smoke.data, smoke.compare, smoke.budget.image_scale, smoke.cells) == ("synthetic", "none", (160, 128), ())
+    assert (smoke.jobs, ci.jobs, full.jobs, spec.profile("hardware").jobs) == ("auto", 1, 1, 1)
     assert ci.compare == "baselines" and ci.budget.max_iters == 60
     assert {c.name for c in spec.cells_for("ci")} == {
         "faster-rcnn_r50_fpn_1x_coco", "faster-rcnn_r50-caffe_fpn_1x_coco",
@@ -351,6 +352,25 @@ def test_profile_intervals_must_be_positive(tmp_path: Path) -> None:
         """)
     with pytest.raises(UserError, match=r"profiles\.ci\.checkpoint_interval"):
         load_matrix(str(path))
+
+
+def test_profile_jobs_is_a_positive_integer_or_auto(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        axes: {backbone: [r50]}
+        profiles:
+          smoke: {jobs: 3}
+          mine: {extends: smoke, jobs: auto}
+        """)
+    spec = load_matrix(str(path))
+    assert (spec.profile("smoke").jobs, spec.profile("mine").jobs, spec.profile("ci").jobs) == (3, "auto", 1)
+    for bad in ("0", "many", "true"):
+        path = write(tmp_path, f"""
+            axes: {{backbone: [r50]}}
+            profiles:
+              smoke: {{jobs: {bad}}}
+            """)
+        with pytest.raises(UserError, match=r"field 'profiles\.smoke\.jobs': expected an integer >= 1 or 'auto'"):
+            load_matrix(str(path))
 
 
 # ------------------------------------------------------------------------------------------------
