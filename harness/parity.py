@@ -64,7 +64,9 @@ def _commit() -> str:
 def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: int, seed: int,
                out_dir: Path, log: Callable[[str], None]) -> int:
     """Check the selected cells; write parity.json / parity.md to `out_dir`. Exit code: 0 every
-    checked cell passed, 1 otherwise (cells not shipped by MMDetection are listed, not failures)."""
+    checked cell is equal, as shipped or once its recorded deviation is applied to MMDetection's
+    config (Q2: `detector.parity.mmdet_side.DEVIATIONS`), 1 otherwise (cells not shipped by
+    MMDetection are listed, not failures)."""
     import detector.api as api  # the parity names import mmdet: only here
 
     spec = load_matrix(matrix)
@@ -100,23 +102,49 @@ def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: i
     api.write_json_atomic(out_dir / PARITY_JSON, doc, indent=1, allow_nan=True)
     (out_dir / PARITY_MD).write_text(render(doc))
     log(f"wrote {out_dir / PARITY_MD}")
-    return 0 if all(r.get("ok", True) for r in rows if r["status"] == "checked") and any(r["status"] == "checked" for r in rows) else 1
+    checked = [r for r in rows if r["status"] == "checked"]
+    return 0 if checked and all(_equal(r) for r in checked) else 1
+
+
+def _applied(row: dict[str, Any]) -> list[str]:
+    """The recorded deviations with which a differing cell was equal to MMDetection's model, else []."""
+    again = row.get("with_deviations") or {}
+    return list(again.get("applied", [])) if not row.get("ok") and again.get("ok") else []
+
+
+def _equal(row: dict[str, Any]) -> bool:
+    """Equal stage by stage, as shipped or with the cell's recorded deviations applied to MMDetection's config."""
+    return bool(row.get("ok")) or bool(_applied(row))
 
 
 def _verdict(row: dict[str, Any]) -> str:
     if row["status"] != "checked":
         return row["status"]
-    return "pass" if row["ok"] else "FAIL"
+    if row["ok"]:
+        return "pass"
+    return f"pass with {' '.join(_applied(row))} applied" if _applied(row) else "FAIL"
 
 
 def _summary(row: dict[str, Any]) -> str:
-    if row["status"] != "checked":
+    if row.get("status", "checked") != "checked":
         return str(row.get("reason", ""))
     failed = [s for s in row["stages"] if not s["ok"]]
     if failed:
         return "; ".join(f"{s['stage']}: {s['detail']} (worst {s['worst']:.3g})" for s in failed)
+    if not row["stages"]:
+        return str(row.get("reason", "no stage compared"))
     worst = max(row["stages"], key=lambda s: s["worst"])
     return f"worst {worst['worst']:.2g} at {worst['stage']}"
+
+
+def _second_check(row: dict[str, Any]) -> str:
+    """What the check with the cell's recorded deviations applied to MMDetection's config found."""
+    again = row.get("with_deviations")
+    if not again:
+        return ""
+    edits = "; ".join(again.get("edits", [])) or " ".join(again["applied"])
+    found = "every stage equal (" + _summary(again) + ")" if again["ok"] else "still different: " + _summary(again)
+    return f". With {' '.join(again['applied'])} applied ({edits}): {found}"
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -154,6 +182,9 @@ def render(doc: dict[str, Any]) -> str:
         "the two sorts may break differently (mmcv's own CPU NMS, not used here, sorts unstably too).",
         "- `losses`: the four training losses with both samplers taking the first N candidates in index order "
         "(two random generators cannot agree); tolerance 1e-5 relative (summation order).",
+        "- A cell that differs and carries a recorded deviation (its recipe notes, e.g. Q2) is checked a second time "
+        "with that deviation applied to MMDetection's config (`detector/parity/mmdet_side.py`, `DEVIATIONS`): "
+        "\"pass with Q2 applied\" means the deviation is the only difference; the table shows the cell as shipped.",
         "- mmcv-lite has no compiled ops: `nms` and `roi_align` come from torchvision on both sides "
         "(`detector/parity/mmdet_side.py`), so this proves the model and its recipe, not mmcv's kernels.",
         "",
@@ -171,12 +202,15 @@ def render(doc: dict[str, Any]) -> str:
             s = by_stage.get(stage)
             cells.append("n/a" if s is None else (_num(s["worst"]) + ("" if s["ok"] else " ✗")))
         lines.append(f"| {row['cell']} | {row['config']} | " + " | ".join(cells) + f" | {_verdict(row)} |")
-    failed = [r for r in doc["cells"] if r["status"] == "checked" and not r["ok"]]
-    lines += ["", f"{sum(r['status'] == 'checked' for r in doc['cells'])} cells checked, {len(failed)} failed, "
-              f"{sum(r['status'] != 'checked' for r in doc['cells'])} not checked (reason given)."]
-    if failed:
+    differing = [r for r in doc["cells"] if r["status"] == "checked" and not r["ok"]]
+    failed = [r for r in differing if not _equal(r)]
+    explained = len(differing) - len(failed)
+    lines += ["", f"{sum(r['status'] == 'checked' for r in doc['cells'])} cells checked, {len(failed)} failed"
+              + (f", {explained} equal once their recorded deviation is applied to MMDetection's config" if explained else "")
+              + f", {sum(r['status'] != 'checked' for r in doc['cells'])} not checked (reason given)."]
+    if differing:
         lines += ["", "## Differences", ""]
-        lines += [f"- {r['cell']}: {_summary(r)}" + _recorded(r) for r in failed]
+        lines += [f"- {r['cell']}: {_summary(r)}" + _recorded(r) + _second_check(r) + "." for r in differing]
     details = [f"- {r['cell']}: " + "; ".join(f"{s['stage']}: {s['detail']}" for s in r["stages"] if s["detail"])
                for r in doc["cells"] if r["status"] == "checked"]
     lines += ["", "## Details", "", *details, ""]
@@ -186,7 +220,7 @@ def render(doc: dict[str, Any]) -> str:
 def _recorded(row: dict[str, Any]) -> str:
     """The cell's recorded deviations (its recipe notes), which may explain a difference."""
     notes = row.get("notes") or []
-    return f". Recorded deviations of this cell: {' '.join(notes)}" if notes else ". No recorded deviation explains it."
+    return f". Recorded deviations of this cell: {' '.join(notes)}" if notes else ". No recorded deviation explains it"
 
 
 def _num(x: float) -> str:
@@ -197,7 +231,8 @@ def _num(x: float) -> str:
 
 def load_marks(path: Path | None = None) -> tuple[dict[str, str], str]:
     """(cell -> mark, the fact line) from a parity.json (default `reports/parity.json`): "✓" every
-    stage within tolerance, "✗" not, "-" not checked (MMDetection ships no such config); ({}, "")
+    stage within tolerance, "✓ Q2" so once that recorded deviation is applied to MMDetection's config,
+    "✗" not, "-" not checked (MMDetection ships no such config); ({}, "")
     when there is none. The marks belong to the commit that file names, which the fact line says."""
     path = path or repo_root() / "reports" / PARITY_JSON
     try:
@@ -205,13 +240,26 @@ def load_marks(path: Path | None = None) -> tuple[dict[str, str], str]:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}, ""
     rows = doc.get("cells", [])
-    marks = {r["cell"]: ("✓" if r.get("ok") else "✗") if r["status"] == "checked" else "-" for r in rows}
+    marks = {r["cell"]: _mark(r) for r in rows}
     checked = [r for r in rows if r["status"] == "checked"]
     passed = sum(bool(r.get("ok")) for r in checked)
+    applied = sorted({q for r in checked for q in _applied(r)})
+    explained = sum(bool(_applied(r)) for r in checked)
     fact = (f"{passed} of {len(checked)} checked cells equal to MMDetection {doc['mmdetection']['mmdet']}'s own model, stage by "
-            f"stage (state dict, recipe, pipeline, features, proposals, detections, losses; column {PARITY_COLUMN}), at commit "
-            f"`{doc.get('commit', '?')}` on {doc.get('date', '?')}: reports/{PARITY_MD}")
+            f"stage (state dict, recipe, pipeline, features, proposals, detections, losses; column {PARITY_COLUMN})"
+            + (f", {explained} more once its recorded deviation ({', '.join(applied)}) is applied to MMDetection's config"
+               if explained else "")
+            + f", at commit `{doc.get('commit', '?')}` on {doc.get('date', '?')}: reports/{PARITY_MD}")
     return marks, fact
+
+
+def _mark(row: dict[str, Any]) -> str:
+    """✓ equal; "✓ Q2" equal with that recorded deviation applied to MMDetection's config; ✗; - not checked."""
+    if row["status"] != "checked":
+        return "-"
+    if row.get("ok"):
+        return "✓"
+    return f"✓ {' '.join(_applied(row))}" if _applied(row) else "✗"
 
 
 PARITY_COLUMN = "Parity"

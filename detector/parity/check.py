@@ -5,7 +5,8 @@ the cell's name, saves it as an MMDetection checkpoint, loads that file into our
 published-checkpoint loader (so `detector.model.weights` is what is tested), and compares parameter
 counts, the training recipe (`recipe`), the data pipeline and every stage of `stages`. It returns a plain dict (reports/parity.json's
 row): `status` is "checked", "not shipped" (3.3.0 has no config of that name) or "cannot build"
-(with the reason); a checked cell lists its stages, each with its worst relative difference.
+(with the reason); a checked cell lists its stages, each with its worst relative difference, and,
+when it differs, the same stages again with its recorded deviations applied to MMDetection's config.
 """
 
 from __future__ import annotations
@@ -95,7 +96,12 @@ def pipeline_stage(images: list[Image], decoded: list[dict[str, Any]], packed: d
 
 
 def parity_check(*, name: str, cfg: DetectorConfig, images: list[Image], seed: int = 0, plain: bool = True) -> dict[str, Any]:
-    """Compare the cell `name` (its resolved config `cfg`) with MMDetection's model of that name."""
+    """Compare the cell `name` (its resolved config `cfg`) with MMDetection's model of that name.
+
+    A cell that differs and carries a recorded deviation MMDetection's config can be given
+    (`mmdet_side.DEVIATIONS`, for example Q2) is compared a second time with that deviation applied
+    to MMDetection's config: `row["with_deviations"]` then says whether everything else is equal.
+    """
     mmdet_side.install_ops()
     started = time.perf_counter()
     row: dict[str, Any] = {"cell": name, "config": None, "status": "checked", "stages": []}
@@ -104,10 +110,31 @@ def parity_check(*, name: str, cfg: DetectorConfig, images: list[Image], seed: i
         return {**row, "status": "not shipped", "reason": f"MMDetection {mmdet_side.VERSION} ships no config {name}.py"}
     row["config"] = str(path.relative_to(mmdet_side.config_dir()))
     mcfg = mmdet_side.load_config(path)
+    stages = _stages(name, cfg, mcfg, images, seed=seed, plain=plain)
+    if isinstance(stages, str):
+        return {**row, "status": "cannot build", "reason": stages}
+    row.update(stages=[s.to_dict() for s in stages], ok=all(s.ok for s in stages))
+    applied = mmdet_side.recorded_deviations(cfg.notes)
+    if not row["ok"] and applied:
+        for quirk in applied:
+            mmdet_side.DEVIATIONS[quirk].apply(mcfg, cfg)
+        again = _stages(name, cfg, mcfg, images, seed=seed, plain=plain)
+        edits = [mmdet_side.DEVIATIONS[q].what for q in applied]
+        row["with_deviations"] = (
+            {"applied": applied, "edits": edits, "ok": False, "reason": again, "stages": []} if isinstance(again, str)
+            else {"applied": applied, "edits": edits, "ok": all(s.ok for s in again), "stages": [s.to_dict() for s in again]}
+        )  # fmt: skip
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _stages(name: str, cfg: DetectorConfig, mcfg: Any, images: list[Image], *, seed: int, plain: bool) -> list[StageResult] | str:
+    """Every stage of one comparison of our model with the model of `mcfg`; a string: why
+    MMDetection's model could not be built."""
     try:
         theirs = mmdet_side.build_model(mcfg, seed=seed)
     except Exception as exc:  # noqa: BLE001 - any failure to build is the reason, recorded as such
-        return {**row, "status": "cannot build", "reason": f"{type(exc).__name__}: {exc}"}
+        return f"{type(exc).__name__}: {exc}"
     classes = _classes(mcfg, cfg.num_classes)
     packed, decoded = _packed(_pipeline(mcfg), images, cfg.num_classes)
     mmdet_side.calibrate_norms(theirs, packed)
@@ -125,8 +152,7 @@ def parity_check(*, name: str, cfg: DetectorConfig, images: list[Image], seed: i
             stages.append(StageResult(stage="state_dict", worst=0.0, ok=strict,
                                       detail=f"{len(report.loaded)} tensors loaded" + ("" if strict else f"; {report.summary()}")))
         except WeightsError as exc:
-            stages.append(StageResult(stage="state_dict", worst=float("inf"), ok=False, detail=str(exc)))
-            return {**row, "stages": [s.to_dict() for s in stages], "ok": False}
+            return [StageResult(stage="state_dict", worst=float("inf"), ok=False, detail=str(exc))]
     mine, ref = count_parameters(ours), count_parameters(theirs)
     stages.append(StageResult(stage="params", worst=0.0 if mine == ref else float("inf"), ok=mine == ref,
                               detail=f"total / trainable {mine[0]:,} / {mine[1]:,} vs {ref[0]:,} / {ref[1]:,}"))
@@ -134,6 +160,4 @@ def parity_check(*, name: str, cfg: DetectorConfig, images: list[Image], seed: i
     stages.append(pipeline_stage(images, decoded, packed, cfg))
     stages += eval_stages(ours, theirs, packed)
     stages.append(loss_stage(ours, theirs, packed, mmdet_side.deterministic_sampling()))
-    row.update(stages=[s.to_dict() for s in stages], ok=all(s.ok for s in stages),
-               seconds=round(time.perf_counter() - started, 1))
-    return row
+    return stages

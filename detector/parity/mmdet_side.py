@@ -15,6 +15,8 @@ import copy
 import importlib.util
 import sys
 import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 from torchvision.ops import nms as tv_nms
 from torchvision.ops import roi_align as tv_roi_align
+
+from detector.config import DetectorConfig
 
 VERSION = "3.3.0"
 
@@ -158,6 +162,35 @@ def save_checkpoint(model: nn.Module, path: Path, classes: tuple[str, ...]) -> N
     """An MMDetection 3.x checkpoint file as its `CheckpointHook` writes one (`meta` + `state_dict`)."""
     meta = {"mmdet_version": VERSION, "dataset_meta": {"classes": list(classes)}}
     torch.save({"meta": meta, "state_dict": model.state_dict()}, path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deviation:
+    """A recorded deviation of a cell from MMDetection's config of its name, as an edit of that config:
+    `apply(mcfg, cfg)` makes MMDetection's model do what the cell does there, so that the parity
+    check can prove the rest of the cell equal. `what` says the edit in words (for the page)."""
+
+    what: str
+    apply: Callable[[Any, DetectorConfig], None]
+
+
+def _normalise_as_ours(mcfg: Any, cfg: DetectorConfig) -> None:
+    # mmdet's DetDataPreprocessor gets BGR images (cv2) and flips them to RGB when `bgr_to_rgb`;
+    # ours gets RGB and flips to BGR when `to_bgr`: the same normalisation with the flag negated.
+    mcfg.model.data_preprocessor.update(mean=list(cfg.normalize.mean), std=list(cfg.normalize.std),
+                                        bgr_to_rgb=not cfg.normalize.to_bgr)
+
+
+# Quirk id (the prefix of a recipe note, "Q2: ...") -> its edit of MMDetection's config.
+DEVIATIONS: dict[str, Deviation] = {
+    "Q2": Deviation(what="MMDetection's data_preprocessor set to the cell's caffe normalisation (BGR, std 1)",
+                    apply=_normalise_as_ours),
+}
+
+
+def recorded_deviations(notes: Iterable[str]) -> list[str]:
+    """The quirk ids among a cell's recipe notes that `DEVIATIONS` can apply, in note order."""
+    return [q for q in (note.split(":", 1)[0].strip() for note in notes) if q in DEVIATIONS]
 
 
 def deterministic_sampling() -> Any:

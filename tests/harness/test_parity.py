@@ -98,5 +98,43 @@ def test_a_difference_lists_the_cells_recorded_deviations() -> None:
     assert "(worst 0.02). Recorded deviations of this cell: Q2: caffe normalisation" in render(doc)
 
 
+def test_a_cell_equal_once_its_recorded_deviation_is_applied_passes_and_says_so(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, coco_root: Path) -> None:
+    q2 = "faster-rcnn_r101-caffe_fpn_ms-3x_coco"
+
+    def fake_check(*, name: str, cfg: Any, images: list[Any], seed: int) -> dict[str, Any]:
+        row = _row(name, ok=name != q2)
+        if name == q2:  # as shipped it differs; with Q2 applied to MMDetection's config it is equal
+            row["with_deviations"] = {"applied": ["Q2"], "edits": ["data_preprocessor set to ours"], "ok": True,
+                                      "stages": _row(name, ok=True)["stages"]}
+        return row
+
+    monkeypatch.setattr(api, "parity_check", fake_check, raising=False)
+    monkeypatch.setattr(api, "parity_versions", lambda: {"mmdet": "3.3.0", "mmengine": "0.10.7", "mmcv": "2.1.0"}, raising=False)
+    code = run_parity(matrix="faster_rcnn", only=["faster-rcnn_r101*_ms-3x_coco"], data=coco_root, images=2, seed=0,
+                      out_dir=tmp_path, log=lambda _line: None)
+    assert code == 0
+    page = (tmp_path / PARITY_MD).read_text()
+    assert f"| {q2} | faster_rcnn/{q2}.py | 0 | 0 | n/a | n/a | n/a | 0 | n/a | n/a | n/a | 2.0e-02 ✗ | pass with Q2 applied |" in page
+    assert "2 cells checked, 0 failed, 1 equal once their recorded deviation is applied to MMDetection's config" in page
+    assert (f"- {q2}: losses: worst: loss_cls 2 vs 1.96 (worst 0.02). Recorded deviations of this cell: Q2: caffe "
+            "normalisation") in page
+    assert "With Q2 applied (data_preprocessor set to ours): every stage equal (worst 0 at state_dict)." in page
+    marks, fact = load_marks(tmp_path / PARITY_JSON)
+    assert marks == {"faster-rcnn_r101_fpn_ms-3x_coco": "✓", q2: "✓ Q2"}
+    assert fact.startswith("1 of 2 checked cells equal to MMDetection 3.3.0's own model")
+    assert ", 1 more once its recorded deviation (Q2) is applied to MMDetection's config, at commit" in fact
+
+
+def test_a_cell_still_different_with_its_deviation_applied_fails() -> None:
+    row = {**_row("c2", ok=False), "notes": ["Q2: caffe"],
+           "with_deviations": {"applied": ["Q2"], "edits": ["x"], "ok": False, "stages": _row("c2", ok=False)["stages"]}}
+    doc = {"matrix": "m", "mmdetection": {"mmdet": "3.3.0", "mmengine": "0.10.7", "mmcv": "2.1.0"}, "torch": "2", "torchvision": "0",
+           "python": "3", "commit": "abc", "date": "2026-12-06", "images": ["a.jpg"], "data": "synth", "cells": [row]}
+    page = render(doc)
+    assert "| FAIL |" in page and "With Q2 applied (x): still different: losses:" in page
+    assert "1 cells checked, 1 failed, 0 not checked" in page
+
+
 def test_no_parity_file_no_marks(tmp_path: Path) -> None:
     assert load_marks(tmp_path / "absent.json") == ({}, "")
