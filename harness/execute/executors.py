@@ -132,8 +132,8 @@ def resolve_jobs(requested: int | str, *, device: str, executor: str, nproc_per_
     """`--jobs` (or the profile's `jobs`) as a number of cells in flight.
 
     "auto": on the local executor on CPU, one cell per core (`thread_env` then gives each process one
-    thread: on 2 cores two one-thread cells ran the smoke matrix 1.5x faster than one two-thread cell,
-    since its small tensors barely spread over threads), at most one per `AUTO_JOBS_GIB_PER_CELL` of
+    thread: on 2 cores the smoke matrix took 545 s two one-thread cells at a time against 704 s one
+    two-thread cell at a time, since its small tensors barely spread over threads), at most one per `AUTO_JOBS_GIB_PER_CELL` of
     available memory and no more than there are cells. On CUDA 1 (cells would share the one GPU they
     time), and 1 under submitit (its jobs run elsewhere: `--jobs N` says how many to keep queued).
     """
