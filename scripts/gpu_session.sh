@@ -9,8 +9,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pycocotools==2.0.11 submitit==1.5.4 opencv-python-headless   # .whl/ is git-ignored
-# and run on the device with carry [".whl"] (about 64 MB, opencv most of it):
-#   OUT=$OUT HARNESS_GIT_COMMIT=<commit> bash scripts/gpu_session.sh [all|bench|matrix]
+# and run on the device with carry [".whl"] (about 64 MB, opencv most of it), in two calls (each call
+# of the device tool is killed at 600 s; CALL_BUDGET_S keeps every step inside it, cutting the matrix
+# short rather than losing runs.tgz):
+#   OUT=$OUT HARNESS_GIT_COMMIT=<commit> bash scripts/gpu_session.sh bench    # about 6-8 minutes
+#   OUT=$OUT HARNESS_GIT_COMMIT=<commit> bash scripts/gpu_session.sh matrix   # the rest of the call
 # The matrix part copies reports/faster_rcnn/hardware-<gpu>/runs (the cells measured before, in the
 # same /tmp/runs path, so the ledger takes them as finished) and runs the rest for MATRIX_BUDGET_S
 # seconds; runs.tgz comes back to be unpacked into that folder and the page regenerated:
@@ -19,7 +22,21 @@ set -u
 OUT=${OUT:?set OUT to a folder for the results}
 PART=${1:-all}
 MATRIX_BUDGET_S=${MATRIX_BUDGET_S:-330}
+CALL_BUDGET_S=${CALL_BUDGET_S:-560}  # the device tool ends a call at 600 s; packing runs.tgz needs a few
 RUNS=/tmp/runs
+
+# Seconds a step may take: what it asks for, at most what is left of this call's budget (0: skip it).
+cap() {
+  local left=$((CALL_BUDGET_S - SECONDS))
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+step() {  # step SECONDS LOG command...: run it under `timeout`, or say in LOG that no time was left
+  local want=$1 log=$2; shift 2
+  local t; t=$(cap "$want")
+  if [ "$t" -eq 0 ]; then echo "skipped: no time left in this call" > "$log"; return; fi
+  timeout "$t" "$@" > "$log" 2>&1
+  echo "exit $? (limit $t s)" >> "$log"
+}
 S=$(mktemp -d)
 wheels=(.whl/pycocotools*.whl .whl/submitit*.whl)
 python3 -c "import cv2" 2>/dev/null || wheels+=(.whl/opencv*.whl)
@@ -31,20 +48,16 @@ echo "gpu class: $GPU" >> "$OUT/gpu.txt"
 t0=$SECONDS
 
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
-  echo "exit $?" >> "$OUT/pytest_gpu.txt"
-  timeout 240 python3 -m detector.bench.gpu --ablation --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-  echo "exit $?" >> "$OUT/bench.log"
-  timeout 90 python3 -m detector.bench.loader --synthetic 64 --workers 0,2,4,8,12 --batches 60 --device cuda \
-    --out "$OUT/loader.json" > "$OUT/loader.log" 2>&1
-  echo "exit $?" >> "$OUT/loader.log"
+  step 150 "$OUT/pytest_gpu.txt" python3 -m pytest -q -m gpu -p no:cacheprovider
+  step 240 "$OUT/bench.log" python3 -m detector.bench.gpu --ablation --out "$OUT/bench"
+  step 90 "$OUT/loader.log" python3 -m detector.bench.loader --synthetic 64 --workers 0,2,4,8,12 --batches 60 \
+    --device cuda --out "$OUT/loader.json"
   # The harness's own training loop (data loading included) at the recipe's whole batch on one GPU:
   # issue 12's >= 100 images/s goal for R-50-FPN AMP, and the same in fp32 beside it.
-  timeout 150 python3 -m harness run faster_rcnn --profile hardware --device cuda --images-per-gpu 16 \
-    --only faster-rcnn_r50_fpn_amp-1x_coco faster-rcnn_r50_fpn_1x_coco --runs-dir /tmp/runs16 > "$OUT/run16.log" 2>&1
-  echo "exit $?" >> "$OUT/run16.log"
+  step 150 "$OUT/run16.log" python3 -m harness run faster_rcnn --profile hardware --device cuda --images-per-gpu 16 \
+    --only faster-rcnn_r50_fpn_amp-1x_coco faster-rcnn_r50_fpn_1x_coco --runs-dir /tmp/runs16
   mkdir -p "$OUT/run16" && for m in /tmp/runs16/faster_rcnn/hardware/*/metrics.json; do
-    cp "$m" "$OUT/run16/$(basename "$(dirname "$m")").json"; done
+    [ -f "$m" ] && cp "$m" "$OUT/run16/$(basename "$(dirname "$m")").json"; done
   echo "bench part: $((SECONDS - t0)) s" >> "$OUT/gpu.txt"
 fi
 
@@ -53,10 +66,7 @@ if [ "$PART" = all ] || [ "$PART" = matrix ]; then
   if [ -d "$earlier" ] && [ ! -d "$RUNS/faster_rcnn" ]; then
     mkdir -p "$RUNS" && cp -r "$earlier/." "$RUNS/"
   fi
-  t1=$SECONDS
-  timeout "$MATRIX_BUDGET_S" python3 -m harness run faster_rcnn --profile hardware --device cuda --runs-dir "$RUNS" \
-    > "$OUT/run.log" 2>&1
-  echo "run exit $? after $((SECONDS - t1)) s" >> "$OUT/run.log"
+  step "$MATRIX_BUDGET_S" "$OUT/run.log" python3 -m harness run faster_rcnn --profile hardware --device cuda --runs-dir "$RUNS"
   tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude='_data' --exclude='.lock' --exclude='_report' .
   tail -5 "$OUT/run.log"
 fi
