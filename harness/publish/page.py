@@ -156,7 +156,8 @@ def render_report(results: Results) -> str:
     )
     if parity:
         legend += (f" {PARITY_COLUMN}: ✓ the cell's model equals MMDetection 3.3.0's own, stage by stage, on shared "
-                   "weights (`reports/parity.md`); ✗ a stage differs; - not checked.")
+                   "weights (`reports/parity.md`); ✓ Qn: equal once that recorded deviation is applied to MMDetection's config; "
+                   "✗ a stage differs; - not checked.")
     links: dict[str, str] = {}
     sections = _sections(matrix, lambda table, row: _measured_cells(table, row, matrix, by_name[row.cell], links, parity),
                          measured=True, parity=bool(parity))
