@@ -98,6 +98,27 @@ def cell_argv(cell_dir: Path, *, nproc_per_cell: int = 1, nnodes: int = 1, pytho
     )  # fmt: skip
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPU cores this process may use: its affinity mask, cut to the cgroup's CPU quota (a
+    container's `--cpus`, which `os.cpu_count()` does not see: it counts the host's cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = None
+    try:  # cgroup v2: "max 100000" (none) or "200000 100000" (2 cores)
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1: a quota of -1 is none
+            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+            quota = limit_us / period_us if limit_us > 0 and period_us > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cores, int(quota))) if quota else max(1, cores)
+
+
 def thread_env(*, jobs: int, nproc_per_cell: int, nodes_here: int = 1) -> dict[str, str]:
     """OMP/MKL threads per process so that concurrent cells do not oversubscribe the CPU cores.
 
@@ -107,7 +128,7 @@ def thread_env(*, jobs: int, nproc_per_cell: int, nodes_here: int = 1) -> dict[s
     procs = max(1, jobs) * max(1, nproc_per_cell) * max(1, nodes_here)
     if procs == 1 or "OMP_NUM_THREADS" in os.environ:
         return {}
-    threads = str(max(1, (os.cpu_count() or 1) // procs))
+    threads = str(max(1, usable_cores() // procs))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
@@ -141,7 +162,7 @@ def resolve_jobs(requested: int | str, *, device: str, executor: str, nproc_per_
         return int(requested)
     if device != "cpu" or executor != "local":
         return 1
-    cores = cores if cores is not None else (os.cpu_count() or 1)
+    cores = cores if cores is not None else usable_cores()
     n = min(max(1, cores // max(1, nproc_per_cell)), max(1, cells))
     gib = available_gib if available_gib is not None else _available_gib()
     if gib is not None:
@@ -520,4 +541,5 @@ __all__ = [
     "resolve_jobs",
     "run_pool",
     "thread_env",
+    "usable_cores",
 ]
