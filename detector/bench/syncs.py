@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _ALWAYS = frozenset({
     "aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique", "aten::_unique2",
     "aten::unique_dim", "aten::unique_consecutive", "aten::equal", "aten::is_nonzero", "torchvision::nms",
+    "aten::bincount",  # CUDA reads the input's min and max back to size its output
 })  # fmt: skip
 # Indexing operators that sync only when an index is a boolean mask (it is turned into indices).
 _MASKED = frozenset({"aten::index.Tensor", "aten::index_put_", "aten::index_put", "aten::_index_put_impl_"})

@@ -94,7 +94,7 @@ def inside_flags(anchors: Tensor, valid: Tensor, image_size: tuple[int, int] | T
     with -1 only the location flags count (FPN and, since PR #7435, C4)."""
     if allowed_border < 0:
         return valid
-    h, w = float(image_size[0]), float(image_size[1])
+    h, w = image_size[0], image_size[1]  # ints, or 0-d tensors on the device (no host sync)
     return (
         valid
         & (anchors[:, 0] >= -allowed_border)

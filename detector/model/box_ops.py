@@ -77,6 +77,43 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def stack_padded(boxes: list[Tensor]) -> Tensor:
+    """Per-image boxes `[G_i, 4]` as one `Tensor[N, max(max_i G_i, 1), 4]`, zero rows after each
+    image's own (the G_i are shapes, known on the host: no sync)."""
+    out = boxes[0].new_zeros((len(boxes), max([b.shape[0] for b in boxes] + [1]), 4))
+    for i, b in enumerate(boxes):
+        out[i, : b.shape[0]] = b
+    return out
+
+
+def stack_padded_labels(labels: list[Tensor], width: int) -> Tensor:
+    """Per-image labels `[G_i]` as one `Tensor[N, width]` (zeros after each image's own)."""
+    out = labels[0].new_zeros((len(labels), width))
+    for i, lab in enumerate(labels):
+        out[i, : lab.shape[0]] = lab
+    return out
+
+
+def count_per_image(image_ids: Tensor, num_images: int) -> Tensor:
+    """Rows of each image, `Tensor[N]` int64. Not `torch.bincount`: on CUDA it reads the largest id
+    back to the host to size its output (a sync)."""
+    return torch.zeros(num_images, dtype=torch.long, device=image_ids.device).scatter_add_(0, image_ids, torch.ones_like(image_ids))
+
+
+def pad_per_image(rois: Tensor, num_images: int, width: int) -> tuple[Tensor, Tensor]:
+    """RoIs `[R, 5]` (batch index, box) grouped by image, at most `width` each, as boxes
+    `Tensor[N, width, 4]` and `valid` `Tensor[N, width]`, each image's rows first, in their order.
+    Ranks within an image are computed on the device: no sync."""
+    image_ids = rois[:, 0].long()
+    counts = count_per_image(image_ids, num_images)
+    rank = torch.arange(rois.shape[0], device=rois.device) - (torch.cumsum(counts, 0) - counts)[image_ids]
+    boxes = rois.new_zeros((num_images, width, 4))
+    valid = torch.zeros((num_images, width), dtype=torch.bool, device=rois.device)
+    boxes[image_ids, rank] = rois[:, 1:]
+    valid[image_ids, rank] = True
+    return boxes, valid
+
+
 def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
     """Pairwise IoU `Tensor[N, M]` as mmdet `bbox_overlaps(mode='iou')`: union clamped at `eps`, so
     zero-area boxes give 0 rather than torchvision's nan."""
@@ -106,4 +143,4 @@ def aligned_iou(pred: Tensor, target: Tensor, *, mode: str = "iou", eps: float =
     return ious - (enclose_area - union) / enclose_area
 
 
-__all__ = ["BoxCoder", "MAX_DWH", "aligned_iou", "box_area", "box_iou", "clip_boxes"]
+__all__ = ["BoxCoder", "MAX_DWH", "aligned_iou", "box_area", "box_iou", "clip_boxes", "count_per_image", "pad_per_image", "stack_padded", "stack_padded_labels"]

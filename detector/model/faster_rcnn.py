@@ -72,7 +72,8 @@ class FasterRCNN(nn.Module):
             feats = self.neck(feats)
         rois, rpn_losses = self.rpn_head(feats, image_sizes, pad_shapes, targets if self.training else None)
         if targets is not None and self.training:
-            return {**rpn_losses, **self.roi_head.loss(feats, rois, targets)}
+            max_rois = self.rpn_head.cfg.train.max_per_img  # the RPN keeps at most this many per image
+            return {**rpn_losses, **self.roi_head.loss(feats, rois, targets, max_rois_per_image=max_rois)}
         return self.roi_head.predict(feats, rois, image_sizes, self.scale_factors(image_sizes, original_sizes))
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -93,12 +93,15 @@ def box_loss(
     target: Tensor,
     *,
     avg_factor: float | Tensor,
+    weight: Tensor | None = None,
     loss_weight: float = 1.0,
     smooth_l1_beta: float = 1.0,
 ) -> Tensor:
     """`loss_weight * sum(loss(pred, target)) / avg_factor` as a float32 scalar.
 
-    With no positives (P = 0) this is an exact 0 that still carries a graph to `pred`, like mmdet's
+    `weight` (`Tensor[P]` bool): only these rows count, so that the heads can pass fixed-size
+    sample slots (the others hold finite placeholders: `where` keeps their gradient at 0).
+    With no positives this is an exact 0 that still carries a graph to `pred`, like mmdet's
     `bbox_pred[pos_inds].sum()`.
     """
     fn = check_box_loss(name)
@@ -106,6 +109,8 @@ def box_loss(
     if pred.numel() == 0:
         return pred.sum() * 0.0
     per_elem = fn(pred, target, smooth_l1_beta) if name == "smooth_l1" else fn(pred, target)
+    if weight is not None:
+        per_elem = torch.where(weight.view(-1, *[1] * (per_elem.dim() - 1)), per_elem, 0.0)
     return loss_weight * per_elem.sum() / avg_factor
 
 

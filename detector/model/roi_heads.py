@@ -16,7 +16,7 @@ from torchvision.ops import batched_nms
 from detector.config import BackboneConfig, RoIHeadConfig
 from detector.errors import ConfigError
 from detector.model.backbones import ResLayerHead
-from detector.model.box_ops import BoxCoder
+from detector.model.box_ops import BoxCoder, pad_per_image, stack_padded, stack_padded_labels
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.poolers import RoIPooler
 from detector.model.rpn import topk_per_image
@@ -118,56 +118,58 @@ class StandardRoIHead(nn.Module):
             return reg
         return reg.view(reg.shape[0], reg.shape[1] // 4, 4)[torch.arange(reg.shape[0], device=reg.device), labels]
 
-    def sample(self, rois: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-        """mmdet `MaxIoUAssigner` + `RandomSampler(add_gt_as_proposals=True)` per image.
+    def sample(self, rois: Tensor, targets: list[dict[str, Tensor]], *, max_rois_per_image: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """mmdet `MaxIoUAssigner` + `RandomSampler(add_gt_as_proposals=True)`, in fixed-size slots.
 
-        Returns sampled `rois [S, 5]`, `labels [S]` (C = background) and matched `gt_boxes [S, 4]`
-        (meaningful for positives only), positives first within each image as mmdet orders them.
+        `rois [R, 5]` grouped by image (the RPN's layout), at most `max_rois_per_image` each (the
+        RPN's `max_per_img`; default R). Returns, flattened over `N x num_samples` slots, the sampled
+        `rois [S, 5]`, `labels [S]` (C = background), matched `gt_boxes [S, 4]` (the RoI itself
+        where the slot holds no positive) and `valid [S]` (a slot holds a sample). Positives come
+        first within each image, as mmdet orders them.
         """
-        c = self.cfg
-        counts = torch.bincount(rois[:, 0].long(), minlength=len(targets)).tolist()
-        out_rois, out_labels, out_gts = [], [], []
-        for i, (props, target) in enumerate(zip(rois[:, 1:].split(counts), targets)):
-            gt = target["boxes"].to(props.device, torch.float32)
-            gt_labels = target["labels"].to(props.device, torch.long)
-            gt_inds, _ = max_iou_assign(
-                props,
-                gt,
-                pos_iou_thr=c.pos_iou_thr,
-                neg_iou_thr=c.neg_iou_thr,
-                min_pos_iou=c.min_pos_iou,
-                match_low_quality=c.match_low_quality,
-            )
-            if c.add_gt_as_proposals and gt.shape[0] > 0:
-                # mmdet adds the gts after assignment, each matched to itself.
-                props = torch.cat([gt, props])
-                gt_inds = torch.cat([torch.arange(1, gt.shape[0] + 1, device=gt.device), gt_inds])
-            pos, neg = random_sample(gt_inds, num=c.num_samples, pos_fraction=c.pos_fraction)
-            picked = torch.cat([pos, neg])
-            matched = gt_inds[pos] - 1
-            labels = torch.cat([gt_labels[matched], gt_labels.new_full((neg.numel(),), self.num_classes)])
-            gts = torch.cat([gt[matched], props.new_zeros((neg.numel(), 4))])
-            out_rois.append(torch.cat([props.new_full((picked.numel(), 1), float(i)), props[picked]], dim=1))
-            out_labels.append(labels)
-            out_gts.append(gts)
-        return torch.cat(out_rois), torch.cat(out_labels), torch.cat(out_gts)
+        c, n = self.cfg, len(targets)
+        device = rois.device
+        props, prop_valid = pad_per_image(rois, n, max_rois_per_image or rois.shape[0])  # [N, P, 4], [N, P]
+        gts = stack_padded([t["boxes"].to(device, torch.float32) for t in targets])  # [N, G, 4]
+        gt_labels = stack_padded_labels([t["labels"].to(device, torch.long) for t in targets], gts.shape[1])
+        num_gts = torch.tensor([t["boxes"].shape[0] for t in targets], device=device)[:, None]
+        gt_slot = torch.arange(1, gts.shape[1] + 1, device=device)[None, :]
+        assigned = [
+            max_iou_assign(props[i], gts[i, : t["boxes"].shape[0]], pos_iou_thr=c.pos_iou_thr, neg_iou_thr=c.neg_iou_thr,
+                           min_pos_iou=c.min_pos_iou, match_low_quality=c.match_low_quality, prior_valid=prop_valid[i])[0]
+            for i, t in enumerate(targets)
+        ]  # fmt: skip
+        # mmdet adds the gts in front of the proposals after assignment, each matched to itself
+        # (padding rows of images with fewer gts stay out: -1).
+        gt_inds = torch.where(gt_slot <= num_gts, gt_slot, -1) if c.add_gt_as_proposals else torch.full_like(gt_slot, -1).expand(n, -1)
+        gt_inds = torch.cat([gt_inds, torch.stack(assigned)], dim=1)  # [N, G + P]
+        candidates = torch.cat([gts, props], dim=1)
+        s = random_sample(gt_inds, num=c.num_samples, pos_fraction=c.pos_fraction)
+        rows = torch.arange(n, device=device)[:, None]
+        boxes = candidates[rows, s.picked]  # [N, num, 4]
+        matched = (gt_inds.gather(1, s.picked) - 1).clamp(min=0)
+        labels = torch.where(s.positive, gt_labels[rows, matched], self.num_classes)
+        gt_boxes = torch.where(s.positive[..., None], gts[rows, matched], boxes)
+        image_ids = rows.expand_as(s.picked).to(boxes.dtype)[..., None]
+        return torch.cat([image_ids, boxes], dim=2).flatten(0, 1), labels.flatten(), gt_boxes.flatten(0, 1), s.valid.flatten()
 
-    def loss(self, feats: list[Tensor], rois: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def loss(self, feats: list[Tensor], rois: Tensor, targets: list[dict[str, Tensor]], *,
+             max_rois_per_image: int | None = None) -> dict[str, Tensor]:  # fmt: skip
         """Softmax CE over all sampled RoIs and the box loss of the positives, both divided by the
         number of sampled RoIs in the batch (mmdet `BBoxHead.loss`, `avg_factor=bbox_targets.size(0)`)."""
-        rois, labels, gt_boxes = self.sample(rois.detach(), targets)
+        rois, labels, gt_boxes, valid = self.sample(rois.detach(), targets, max_rois_per_image=max_rois_per_image)
         cls, reg = self.forward_box(feats, rois)
-        avg_factor = max(rois.shape[0], 1)
-        loss_cls = F.cross_entropy(cls, labels, reduction="sum") / avg_factor
-        pos = torch.nonzero(labels < self.num_classes).squeeze(1)
-        pred = self._class_deltas(reg[pos], labels[pos])
+        avg_factor = valid.sum().clamp(min=1)
+        loss_cls = torch.where(valid, F.cross_entropy(cls, labels, reduction="none"), 0.0).sum() / avg_factor
+        positive = labels < self.num_classes
+        pred = self._class_deltas(reg, labels.clamp(max=self.num_classes - 1))
         if self.cfg.reg_decoded_bbox:
             # IoU-family losses compare boxes: decode (no clipping, as mmdet's loss does) first.
-            pred, target = self.coder.decode(rois[pos, 1:], pred), gt_boxes[pos]
+            pred, target = self.coder.decode(rois[:, 1:], pred), gt_boxes
         else:
-            target = self.coder.encode(rois[pos, 1:], gt_boxes[pos])
-        loss_bbox = box_loss(self.cfg.loss_bbox, pred, target, avg_factor=avg_factor, loss_weight=self.cfg.loss_bbox_weight,
-                             smooth_l1_beta=self.cfg.loss_bbox_beta)
+            target = self.coder.encode(rois[:, 1:], gt_boxes)
+        loss_bbox = box_loss(self.cfg.loss_bbox, pred, target, weight=positive, avg_factor=avg_factor,
+                             loss_weight=self.cfg.loss_bbox_weight, smooth_l1_beta=self.cfg.loss_bbox_beta)  # fmt: skip
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
 
     @torch.no_grad()

@@ -11,36 +11,61 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from detector.config import ProposalConfig, RPNConfig
 from detector.errors import ConfigError
 from detector.model.anchors import AnchorGenerator, inside_flags
-from detector.model.box_ops import BoxCoder
+from detector.model.box_ops import BoxCoder, count_per_image, stack_padded
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.sampling import max_iou_assign, random_sample
 
 
-def topk_per_image(keep: Tensor, image_ids: Tensor, num_images: int, k: int) -> Tensor:
+def topk_per_image(keep: Tensor, image_ids: Tensor, num_images: int, k: int, usable: Tensor | None = None) -> Tensor:
     """From `keep` (indices sorted by decreasing score, any image order) the first `k` of each image,
-    grouped by image id (ascending), score order preserved within an image. No host sync."""
+    grouped by image id (ascending), score order preserved within an image; indices where `usable`
+    is False are dropped first. One host sync (the final boolean index), whatever the batch."""
+    if usable is not None:
+        # Unusable rows (scored -inf by `nms_per_level`) come last within their image: they take
+        # no rank before a usable one, so one mask drops them with the rows beyond k.
+        keep_usable = usable[keep]
     img = image_ids[keep]
     order = torch.sort(img, stable=True).indices
     keep, img = keep[order], img[order]
-    counts = torch.bincount(img, minlength=num_images)
+    counts = count_per_image(img, num_images)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(img.numel(), device=img.device) - starts[img]
-    return keep[rank < k]
+    selected = rank < k
+    if usable is not None:
+        selected &= keep_usable[order]
+    return keep[selected]
 
 
-def nms_per_level(boxes: Tensor, scores: Tensor, groups: Tensor, num_levels: int, iou: float) -> Tensor:
-    """`batched_nms(boxes, scores, groups, iou)` with groups `image * num_levels + level`, run as one
-    call per level: the kept indices, by decreasing score (as batched_nms returns them)."""
-    levels = groups % num_levels
-    kept = []
-    for lvl in range(num_levels):
-        idx = torch.nonzero(levels == lvl).squeeze(1)
-        kept.append(idx[batched_nms(boxes[idx], scores[idx], groups[idx], iou)])
+# torchvision's `batched_nms` runs one NMS over all groups (boxes offset apart per group) up to
+# this many box coordinates on CUDA, and one NMS per group, each a host sync, above it.
+TORCHVISION_ONE_CALL_NUMEL_CUDA = 100_000
+
+
+def nms_per_level(boxes: Tensor, scores: Tensor, image_ids: Tensor, num_images: int, level_sizes: list[int], iou: float) -> Tensor:
+    """NMS per (image, level) as one NMS call per level over all images.
+
+    `boxes [N * M, 4]`, `scores [N * M]`, `image_ids [N * M]`: each image's M candidates, level
+    blocks of `level_sizes` in order (the layout `RPNHead.proposals` builds). Boxes mmdet would
+    drop before NMS carry score -inf: the lowest, they suppress nothing that counts. The groups of
+    a level are kept apart by offsetting each image's boxes (torchvision's own `batched_nms` trick).
+    Returns the kept indices by decreasing score (ties in index order), -inf ones included.
+    No sync but the NMS calls, one per level: torchvision's `batched_nms` falls back to one call
+    per group above `TORCHVISION_ONE_CALL_NUMEL_CUDA` (5 x N calls and syncs for N images).
+    """
+    m = sum(level_sizes)
+    rows = torch.arange(num_images, device=boxes.device)[:, None] * m
+    kept, start = [], 0
+    for size in level_sizes:
+        idx = (rows + torch.arange(start, start + size, device=boxes.device)[None, :]).reshape(-1)
+        b = boxes[idx]
+        offsets = image_ids[idx].to(b) * (b.max() + 1)
+        kept.append(idx[nms(b + offsets[:, None], scores[idx], iou)])
+        start += size
     # Index order first, then a stable sort by score: equal scores (anchors over padding score
     # exactly alike) come in index order, as batched_nms's per-group path returns them.
     keep = torch.cat(kept).sort().values
@@ -73,11 +98,12 @@ class RPNHead(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
         self.coder = BoxCoder(cfg.target_stds)
-        # One `batched_nms` per FPN level (each over all images) instead of one over every (image,
-        # level) group: on CUDA torchvision's NMS is quadratic in the boxes of a call and its keep
-        # pass is sequential, so 5 calls of 4,000 boxes cost far less than one of 20,000, for 4 more
-        # host syncs. Same groups, same kept boxes. A candidate, off until measured on a GPU
-        # (`python -m detector.bench.gpu --ablation`).
+        # One NMS per FPN level (each over all images) instead of one over every (image, level)
+        # group: on CUDA torchvision's NMS is quadratic in the boxes of a call and its keep pass
+        # is sequential, so 5 calls of 4,000 boxes may cost less than one of 20,000. Same groups,
+        # same kept boxes. Taken anyway on CUDA where torchvision would run one NMS per group (more
+        # than 25,000 candidates: 3 or more images per GPU); below that a candidate, off until
+        # measured on a GPU (`python -m detector.bench.gpu --ablation`).
         self.nms_per_level = False
 
     def head(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -142,17 +168,17 @@ class RPNHead(nn.Module):
         m = scores.shape[1]
         boxes = self.coder.decode(torch.cat(top_anchors, 1), torch.cat(top_deltas, 1), image_sizes[:, None, :])
         image_ids = torch.arange(n, device=scores.device)[:, None].expand(n, m).reshape(-1)
-        groups = image_ids * len(anchors) + torch.cat(levels).repeat(n)
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
-        # One nonzero (a host sync on CUDA) for the four tensors, not one per boolean index.
-        ok = torch.nonzero((wh > cfg.min_bbox_size).all(dim=1)).squeeze(1)
-        boxes, scores, image_ids, groups = boxes[ok], scores[ok], image_ids[ok], groups[ok]
-        if self.nms_per_level:
-            keep = nms_per_level(boxes, scores, groups, len(anchors), cfg.nms_iou)
+        usable = (wh > cfg.min_bbox_size).all(dim=1)  # mmdet drops the others before NMS
+        if self.nms_per_level or (boxes.is_cuda and boxes.numel() > TORCHVISION_ONE_CALL_NUMEL_CUDA):
+            sizes = [s.shape[1] for s in top_scores]
+            keep = nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), image_ids, n, sizes, cfg.nms_iou)
         else:
-            keep = batched_nms(boxes, scores, groups, cfg.nms_iou)
-        keep = topk_per_image(keep, image_ids, n, cfg.max_per_img)
+            groups = image_ids * len(anchors) + torch.cat(levels).repeat(n)
+            ok = torch.nonzero(usable).squeeze(1)  # one nonzero (a host sync on CUDA) for the three tensors
+            keep = ok[batched_nms(boxes[ok], scores[ok], groups[ok], cfg.nms_iou)]
+        keep = topk_per_image(keep, image_ids, n, cfg.max_per_img, usable)
         return torch.cat([image_ids[keep, None].to(boxes.dtype), boxes[keep]], dim=1)
 
     def loss(
@@ -171,33 +197,36 @@ class RPNHead(nn.Module):
         negatives) over the batch, mmdet's `avg_factor` for a `RandomSampler`.
         """
         c = self.cfg
-        sizes = image_sizes.tolist()
-        cls_pred, cls_target, box_pred, box_target = [], [], [], []
+        gts = stack_padded([t["boxes"].to(anchors.device, torch.float32) for t in targets])  # [N, G_max, 4]
+        gt_inds = []
         for i, target in enumerate(targets):
-            gt = target["boxes"].to(anchors.device, torch.float32)
-            inside = torch.nonzero(inside_flags(anchors, valid[i], sizes[i], c.allowed_border)).squeeze(1)
-            gt_inds, _ = max_iou_assign(
-                anchors[inside],
-                gt,
+            assigned, _ = max_iou_assign(
+                anchors,
+                gts[i, : target["boxes"].shape[0]],
                 pos_iou_thr=c.pos_iou_thr,
                 neg_iou_thr=c.neg_iou_thr,
                 min_pos_iou=c.min_pos_iou,
                 match_low_quality=c.match_low_quality,
+                prior_valid=inside_flags(anchors, valid[i], image_sizes[i], c.allowed_border),
             )
-            pos, neg = random_sample(gt_inds, num=c.num_samples, pos_fraction=c.pos_fraction)
-            pos_anchor_ids, neg_anchor_ids = inside[pos], inside[neg]
-            cls_pred.append(torch.cat([logits[i, pos_anchor_ids], logits[i, neg_anchor_ids]]))
-            cls_target.append(torch.cat([logits.new_ones(pos.numel()), logits.new_zeros(neg.numel())]))
-            box_pred.append(deltas[i, pos_anchor_ids])
-            box_target.append(self.coder.encode(anchors[pos_anchor_ids], gt[gt_inds[pos] - 1]))
-        cls_pred_t, cls_target_t = torch.cat(cls_pred).float(), torch.cat(cls_target).float()
-        avg_factor = max(cls_pred_t.numel(), 1)
-        loss_cls = F.binary_cross_entropy_with_logits(cls_pred_t, cls_target_t, reduction="sum") / avg_factor
+            gt_inds.append(assigned)
+        assigned = torch.stack(gt_inds)  # [N, K]
+        s = random_sample(assigned, num=c.num_samples, pos_fraction=c.pos_fraction)  # [N, num] slots
+        rows = torch.arange(len(targets), device=anchors.device)[:, None]
+        cls_pred = logits.gather(1, s.picked).float()
+        sample_anchors = anchors[s.picked]  # [N, num, 4]
+        matched = gts[rows, (assigned.gather(1, s.picked) - 1).clamp(min=0)]
+        # A slot that holds no positive regresses its anchor onto itself: finite, and weighted out.
+        box_target = self.coder.encode(sample_anchors, torch.where(s.positive[..., None], matched, sample_anchors))
+        # mmdet's avg_factor: the sampled anchors (positives and negatives) of the whole batch.
+        avg_factor = s.valid.sum().clamp(min=1)
+        bce = F.binary_cross_entropy_with_logits(cls_pred, s.positive.float(), reduction="none")
+        loss_cls = torch.where(s.valid, bce, 0.0).sum() / avg_factor
         loss_bbox = box_loss(
-            c.loss_bbox, torch.cat(box_pred), torch.cat(box_target), avg_factor=avg_factor, loss_weight=c.loss_bbox_weight,
-            smooth_l1_beta=c.loss_bbox_beta,
+            c.loss_bbox, deltas[rows, s.picked].flatten(0, 1), box_target.flatten(0, 1), weight=s.positive.flatten(),
+            avg_factor=avg_factor, loss_weight=c.loss_bbox_weight, smooth_l1_beta=c.loss_bbox_beta,
         )
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
 
 
-__all__ = ["RPNHead", "nms_per_level", "topk_per_image"]
+__all__ = ["TORCHVISION_ONE_CALL_NUMEL_CUDA", "RPNHead", "nms_per_level", "topk_per_image"]

@@ -1,10 +1,17 @@
-"""MMDetection's `MaxIoUAssigner` and `RandomSampler`, for one image at a time.
+"""MMDetection's `MaxIoUAssigner` and `RandomSampler`, without a host sync.
 
-Shorthand: G ground-truth boxes, P priors (anchors or proposals). An assignment is a
+Shorthand: N images, G ground-truth boxes, P priors (anchors or proposals). An assignment is a
 `Tensor[P]` int64 of mmdet `gt_inds`: -1 ignore, 0 negative (background), i + 1 matched to gt i.
+
+Both heads assign one image at a time (the IoU matrix of a whole batch of anchors would multiply
+the step's peak memory) and sample the whole batch at once into fixed-size slots: no operator here
+has an output whose size depends on the data, so on CUDA nothing waits for the GPU (mmdet's
+`torch.nonzero` + `randperm(n)` per image cost 2 host syncs each, 4N per training step).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +27,7 @@ def max_iou_assign(
     neg_iou_thr: float,
     min_pos_iou: float,
     match_low_quality: bool,
+    prior_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """mmdet `MaxIoUAssigner.assign` (`gt_max_assign_all=True`, no ignore boxes).
 
@@ -27,13 +35,21 @@ def max_iou_assign(
     [0, neg_iou_thr), positive when >= pos_iou_thr. With `match_low_quality`, each gt whose best IoU
     is >= `min_pos_iou` also claims every prior that reaches that best IoU (ties included); when
     several gts claim a prior the later gt wins, as mmdet's loop over gts does.
+
+    `prior_valid` (`Tensor[P]` bool): priors mmdet would not pass to the assigner at all (anchors
+    outside the image, padding slots); they get -1 and take no part in any max, which is the
+    assignment of the valid priors alone, with no `nonzero` to select them.
     """
     num_priors, num_gts = priors.shape[0], gt_boxes.shape[0]
     if num_gts == 0 or num_priors == 0:
         # No gt: every prior is background (mmdet sets gt_inds to 0 when num_gts == 0).
         gt_inds = priors.new_zeros(num_priors, dtype=torch.long)
+        if prior_valid is not None:
+            gt_inds = gt_inds.masked_fill(~prior_valid, -1)
         return gt_inds, priors.new_zeros(num_priors, dtype=torch.float32)
     overlaps = box_iou(gt_boxes, priors)  # [G, P]
+    if prior_valid is not None:
+        overlaps = overlaps.masked_fill(~prior_valid, -1.0)
     max_overlaps, argmax = overlaps.max(dim=0)
     gt_inds = torch.full((num_priors,), -1, dtype=torch.long, device=priors.device)
     # masked_fill, not `gt_inds[mask] = 0`: torch 2.11 runs the latter as a masked index_put_, a host sync on CUDA.
@@ -43,28 +59,56 @@ def max_iou_assign(
     if match_low_quality:
         gt_max = overlaps.max(dim=1, keepdim=True).values  # [G, 1]
         claims = (overlaps == gt_max) & (gt_max >= min_pos_iou)  # [G, P]
-        # Last claiming gt wins: scatter the 1-based gt index of each claim with an `amax` reduce.
-        g, p = torch.nonzero(claims, as_tuple=True)
-        claimed = torch.zeros(num_priors, dtype=torch.long, device=priors.device).scatter_reduce(0, p, g + 1, "amax")
+        # Last claiming gt wins: the largest 1-based index among a prior's claims (0: none).
+        gt_ids = torch.arange(1, num_gts + 1, device=priors.device)[:, None]
+        claimed = (claims * gt_ids).amax(dim=0)
         gt_inds = torch.where(claimed > 0, claimed, gt_inds)
     return gt_inds, max_overlaps
 
 
-def random_sample(gt_inds: Tensor, *, num: int, pos_fraction: float) -> tuple[Tensor, Tensor]:
-    """mmdet `RandomSampler` (`neg_pos_ub=-1`): up to `int(num * pos_fraction)` positives drawn
-    uniformly without replacement, negatives fill the rest of `num`.
+def random_keys(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """One uniform float64 key per candidate; the sampler keeps the largest. float64 so that two
+    of a few hundred thousand anchors almost never tie (float32 keys would, about 2,000 times an
+    image). `detector.parity.stages.first_n_sampling` patches this to take candidates in order."""
+    return torch.rand(shape, dtype=torch.float64, device=device)
 
-    Returns `(pos_inds, neg_inds)`, `Tensor[n_pos]`, `Tensor[n_neg]` int64 indices into the priors.
+
+class Samples(NamedTuple):
+    """Fixed-size sampling slots, `Tensor[N, num]` each: `picked`, an index into the candidates; `valid`
+    (a slot holds a sample), `positive` (it holds a positive; positives fill the first slots of
+    an image, negatives the next, unused slots come last and point at candidate 0)."""
+
+    picked: Tensor
+    valid: Tensor
+    positive: Tensor
+
+
+def random_sample(gt_inds: Tensor, *, num: int, pos_fraction: float) -> Samples:
+    """mmdet `RandomSampler` (`neg_pos_ub=-1`) for each row of `gt_inds [N, P]`: up to
+    `int(num * pos_fraction)` positives drawn uniformly without replacement, negatives (drawn the
+    same way) fill the rest of `num`.
+
+    A uniform draw of k from n is the k largest of n i.i.d. uniform keys: the same distribution as
+    mmdet's `randperm(n)[:k]` (the draws themselves differ, as mmdet's differ between CPU and
+    CUDA), taken with `topk` over fixed shapes instead of a `nonzero` and a `randperm` per image.
     """
-    pos = torch.nonzero(gt_inds > 0).squeeze(1)
+    n, p = gt_inds.shape
+    if p == 0:
+        empty = torch.zeros((n, num), dtype=torch.bool, device=gt_inds.device)
+        return Samples(picked=empty.long(), valid=empty, positive=empty)
     num_pos = int(num * pos_fraction)
-    if pos.numel() > num_pos:
-        pos = pos[torch.randperm(pos.numel(), device=pos.device)[:num_pos]]
-    neg = torch.nonzero(gt_inds == 0).squeeze(1)
-    num_neg = num - pos.numel()
-    if neg.numel() > num_neg:
-        neg = neg[torch.randperm(neg.numel(), device=neg.device)[:num_neg]]
-    return pos, neg
+    keys = random_keys((n, p), gt_inds.device)
+    pos_keys, pos_idx = torch.where(gt_inds > 0, keys, -1.0).topk(min(num_pos, p), dim=1)
+    neg_keys, neg_idx = torch.where(gt_inds == 0, keys, -1.0).topk(min(num, p), dim=1)
+    n_pos = (pos_keys >= 0).sum(dim=1, keepdim=True)  # [N, 1]
+    n_neg = torch.minimum((neg_keys >= 0).sum(dim=1, keepdim=True), num - n_pos)
+    slot = torch.arange(num, device=gt_inds.device)[None, :]
+    positive = slot < n_pos
+    valid = slot < n_pos + n_neg
+    from_pos = pos_idx.gather(1, slot.clamp(max=pos_idx.shape[1] - 1).expand(n, -1)) if num_pos > 0 else pos_idx.new_zeros(n, num)
+    from_neg = neg_idx.gather(1, (slot - n_pos).clamp(0, neg_idx.shape[1] - 1))
+    picked = torch.where(positive, from_pos, torch.where(valid, from_neg, 0))
+    return Samples(picked=picked, valid=valid, positive=positive)
 
 
-__all__ = ["max_iou_assign", "random_sample"]
+__all__ = ["Samples", "max_iou_assign", "random_keys", "random_sample"]

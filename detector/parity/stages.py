@@ -113,21 +113,16 @@ def compare_sets(stage: str, ours: list[dict[str, Tensor]], ref: list[dict[str, 
     return StageResult(stage=stage, worst=worst, ok=ok, detail=f"{unmatched} of {total} rows without a partner")
 
 
-def first_n(gt_inds: Tensor, *, num: int, pos_fraction: float) -> tuple[Tensor, Tensor]:
-    """`detector.model.sampling.random_sample` taking the first candidates in index order."""
-    pos = torch.nonzero(gt_inds > 0).squeeze(1)[: int(num * pos_fraction)]
-    neg = torch.nonzero(gt_inds == 0).squeeze(1)[: num - pos.numel()]
-    return pos, neg
+def first_n_keys(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """`detector.model.sampling.random_keys` that makes the sampler take the first candidates in
+    index order: keys decreasing along each row, all in (0, 1]."""
+    p = shape[-1]
+    return (1.0 - torch.arange(p, dtype=torch.float64, device=device) / max(p, 1)).expand(shape)
 
 
 def first_n_sampling() -> Any:
-    """Patch both users of `random_sample` in the bundled detector with `first_n`."""
-    from contextlib import ExitStack
-
-    stack = ExitStack()
-    stack.enter_context(mock.patch("detector.model.rpn.random_sample", first_n))
-    stack.enter_context(mock.patch("detector.model.roi_heads.random_sample", first_n))
-    return stack
+    """Patch the bundled detector's sampler (both heads) to draw with `first_n_keys`."""
+    return mock.patch("detector.model.sampling.random_keys", first_n_keys)
 
 
 def _instances(res: Any) -> dict[str, Tensor]:

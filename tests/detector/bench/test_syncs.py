@@ -25,22 +25,37 @@ def test_each_kind_of_sync_is_counted_once() -> None:
     assert torch.Tensor.tolist(x) == list(map(float, range(10)))  # the method is restored
 
 
-def test_our_training_step_stays_within_its_sync_budget() -> None:
-    """Ours, two images, CPU-only paths off (threaded RoIAlign): the syncs a CUDA step would make,
-    counted by operator. A new per-box or per-parameter sync shows here as a failure."""
+def _training_step_syncs(num_images: int, *, nms_per_level: bool) -> tuple[int, dict[str, int]]:
     settings = BenchSettings(size=(128, 160), gt_per_image=4)
     ours, _ = build_pair(settings)
-    ours.roi_head.bbox_roi_extractor.cpu_threads = False
-    images, targets = make_inputs(settings, 2)
+    ours.roi_head.bbox_roi_extractor.cpu_threads = False  # the CPU-only threaded RoIAlign
+    ours.rpn_head.nms_per_level = nms_per_level
+    images, targets = make_inputs(settings, num_images)
     ours.train()
-    total, by_op = count_syncs(lambda: sum(ours(images, targets).values()).backward())
-    # 2 images: per image RPN inside-anchors + assign + 2 sampler draws, RoI assign + 2 draws; the
-    # proposal filter, top-k, RoI positives, pooler levels; image sizes and RoI counts to Python.
-    assert by_op.get("Tensor.tolist", 0) <= 2 and "aten::_local_scalar_dense" not in by_op, by_op
-    # torchvision's batched_nms on CPU loops over groups (unique + a nonzero and an NMS per group);
-    # on CUDA it is one NMS: that part is counted as one.
-    nms = by_op.get("torchvision::nms", 0)
-    assert total - 2 * nms - by_op.get("aten::_unique2", 0) + 1 <= 24, by_op
+    return count_syncs(lambda: sum(ours(images, targets).values()).backward())
+
+
+def test_our_training_step_syncs_do_not_grow_with_the_batch() -> None:
+    """The syncs a CUDA training step would make, counted by operator: assignment and sampling
+    make none (fixed-size slots), the RPN's NMS one per level, the pooler one per level, the
+    proposals' top-k one. The same for 2 and 4 images: a new per-image or per-box sync fails here."""
+    two = _training_step_syncs(2, nms_per_level=True)
+    four = _training_step_syncs(4, nms_per_level=True)
+    assert two == four, (two, four)
+    total, by_op = two
+    assert by_op == {"torchvision::nms": 5, "aten::nonzero": 4, "aten::index.Tensor (boolean mask)": 1}, by_op
+
+
+def test_one_batched_nms_path_adds_only_its_own_syncs() -> None:
+    """Without the per-level NMS (what CUDA runs up to torchvision's one-call size), the rest is
+    the same: CPU's batched_nms loops over the (image, level) groups (a unique, a nonzero and an
+    NMS per group, a final nonzero), on CUDA it is one NMS; plus the nonzero that drops small boxes
+    first."""
+    total, by_op = _training_step_syncs(2, nms_per_level=False)
+    nms = by_op["torchvision::nms"]
+    assert nms == 2 * 5 and by_op.get("aten::_unique2") == 1
+    on_cuda = total - (1 + 2 * nms + 1) + 1
+    assert on_cuda == 4 + 1 + 1 + 1, by_op  # pooler levels, top-k, small-box filter, one NMS
 
 
 def test_inference_is_counted_under_no_grad_as_the_bench_does() -> None:

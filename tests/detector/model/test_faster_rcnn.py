@@ -189,10 +189,9 @@ def test_one_gpu_of_16_images_has_the_losses_of_8_ranks_of_2(monkeypatch: pytest
     # 8 ranks' losses, which is what DDP's gradient averaging optimises. Same-size images: the batch
     # padding, the one remaining difference, is the same. Deterministic sampling (first N in index
     # order) so that both ways draw the same samples.
-    from detector.parity.stages import first_n
+    from detector.parity.stages import first_n_keys
 
-    monkeypatch.setattr("detector.model.rpn.random_sample", first_n)
-    monkeypatch.setattr("detector.model.roi_heads.random_sample", first_n)
+    monkeypatch.setattr("detector.model.sampling.random_keys", first_n_keys)
     cfg = resolve({})
     cfg = replace(cfg, rpn=replace(cfg.rpn, num_samples=64), roi_head=replace(cfg.roi_head, num_samples=64))
     torch.manual_seed(0)

@@ -72,3 +72,22 @@ def test_losses_run_in_float32_under_bf16_inputs() -> None:
     a = BOXES.to(torch.bfloat16)
     for name in BOX_LOSSES:
         assert box_loss(name, a, a + 1, avg_factor=2).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(BOX_LOSSES))
+def test_weight_counts_only_its_rows_and_keeps_the_others_gradient_zero(name: str) -> None:
+    # The heads pass fixed-size sample slots: rows outside `weight` must not change the value,
+    # and their gradient must be exactly 0 (not NaN), whatever placeholder they hold.
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(6, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(6, 2, generator=g) * 20], 1)
+    target = boxes + torch.rand(6, 4, generator=g) * 3
+    weight = torch.tensor([True, False, True, True, False, False])
+    pred = boxes.clone().requires_grad_(True)
+    placeholder = target.clone()
+    placeholder[~weight] = boxes[~weight]  # what a head puts in a slot without a positive
+    value = box_loss(name, pred, placeholder, weight=weight, avg_factor=6.0)
+    value.backward()
+    subset = box_loss(name, boxes[weight], target[weight], avg_factor=6.0)
+    torch.testing.assert_close(value, subset)
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and (pred.grad[~weight] == 0).all()

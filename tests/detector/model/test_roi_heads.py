@@ -44,11 +44,26 @@ def test_sampling_adds_gts_and_labels_background_last() -> None:
         {"boxes": torch.tensor([[0.0, 0, 30, 30]]), "labels": torch.tensor([2])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
     ]
-    rois, labels, gts = head.sample(_rois(), targets)
-    assert rois[:, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]  # 3 proposals + the gt; then image 1
+    rois, labels, gts, valid = head.sample(_rois(), targets)
+    # Fixed slots: num_samples per image; image 0 has 3 proposals + the gt, image 1 two proposals.
+    n = head.cfg.num_samples
+    assert rois.shape == (2 * n, 5) and valid.tolist() == [True] * 4 + [False] * (n - 4) + [True] * 2 + [False] * (n - 2)
+    assert rois[valid, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     # Image 0: the gt itself and the identical proposal are positives (first), the rest negatives.
-    assert labels.tolist() == [2, 2, 3, 3, 3, 3]
+    assert labels[valid].tolist() == [2, 2, 3, 3, 3, 3]
     assert gts[:2].tolist() == [[0.0, 0, 30, 30]] * 2
+
+
+def test_sampling_takes_the_first_candidates_under_deterministic_keys() -> None:
+    from detector.parity.stages import first_n_sampling
+
+    head = _head()
+    gt = torch.tensor([[0.0, 0, 30, 30]])
+    with first_n_sampling():
+        rois, labels, _, valid = head.sample(_rois()[:3], [{"boxes": gt, "labels": torch.tensor([1])}])
+    # mmdet's order with the gt in front: gt, proposal 0 (both positive), then proposals 1, 2.
+    assert rois[valid, 1:].tolist() == [[0.0, 0, 30, 30], [0.0, 0, 30, 30], [10.0, 10, 60, 50], [40.0, 5, 90, 60]]
+    assert labels[valid].tolist() == [1, 1, 3, 3]
 
 
 def test_sampler_quota_for_many_proposals() -> None:
@@ -57,8 +72,8 @@ def test_sampler_quota_for_many_proposals() -> None:
     xy = torch.rand(2000, 2) * 50
     props = torch.cat([torch.zeros(2000, 1), xy, xy + 10 + torch.rand(2000, 2) * 30], dim=1)
     gt = torch.tensor([[10.0, 10, 40, 40], [30.0, 20, 60, 50]])
-    rois, labels, _ = head.sample(props, [{"boxes": gt, "labels": torch.tensor([0, 1])}])
-    assert rois.shape[0] == 512 and (labels < NUM_CLASSES).sum() <= 128
+    rois, labels, _, valid = head.sample(props, [{"boxes": gt, "labels": torch.tensor([0, 1])}])
+    assert rois.shape[0] == 512 and bool(valid.all()) and 0 < (labels < NUM_CLASSES).sum() <= 128
 
 
 def test_empty_targets_give_zero_box_loss() -> None:

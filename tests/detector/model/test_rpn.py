@@ -128,20 +128,28 @@ def test_batched_sort_orders_ties_as_per_image_sort() -> None:
 
 
 def test_nms_per_level_keeps_what_one_batched_nms_keeps() -> None:
-    """The per-level candidate (`RPNHead.nms_per_level`) keeps the same boxes in the same order
-    as one `batched_nms` over all (image, level) groups; proposals are the same rows (boxes of
-    exactly equal score, such as anchors over padding, may come in another order)."""
+    """The per-level path (`RPNHead.nms_per_level`, and CUDA batches above torchvision's one-call
+    size) keeps the same boxes in the same order as one `batched_nms` over all (image, level)
+    groups of the boxes mmdet keeps before NMS; proposals are the same rows (boxes of exactly
+    equal score, such as anchors over padding, may come in another order)."""
     from torchvision.ops import batched_nms
 
-    from detector.model.rpn import nms_per_level
+    from detector.model.rpn import nms_per_level, topk_per_image
 
     g = torch.Generator().manual_seed(0)
-    xy = torch.randint(0, 200, (3000, 2), generator=g).float()
-    boxes = torch.cat([xy, xy + torch.randint(4, 60, (3000, 2), generator=g).float()], 1)
-    scores = torch.rand(3000, generator=g)
-    groups = torch.randint(0, 2 * 5, (3000,), generator=g)
-    ref = batched_nms(boxes, scores, groups, 0.7)
-    assert 0 < ref.numel() < 3000 and torch.equal(nms_per_level(boxes, scores, groups, 5, 0.7), ref)
+    n, level_sizes = 3, [400, 300, 200, 100, 50]
+    m = sum(level_sizes)
+    xy = torch.randint(0, 200, (n * m, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(4, 60, (n * m, 2), generator=g).float()], 1)
+    scores = torch.rand(n * m, generator=g)
+    image_ids = torch.arange(n)[:, None].expand(n, m).reshape(-1)
+    levels = torch.cat([torch.full((size,), lvl) for lvl, size in enumerate(level_sizes)]).repeat(n)
+    usable = torch.rand(n * m, generator=g) > 0.2
+    ok = torch.nonzero(usable).squeeze(1)
+    ref = ok[batched_nms(boxes[ok], scores[ok], (image_ids * 5 + levels)[ok], 0.7)]
+    got = nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), image_ids, n, level_sizes, 0.7)
+    assert 0 < ref.numel() < usable.sum() and torch.equal(got[usable[got]], ref)
+    assert torch.equal(topk_per_image(got, image_ids, n, 150, usable), topk_per_image(ref, image_ids, n, 150))
     torch.manual_seed(0)
     head = _head(test=ProposalConfig(nms_pre=200, max_per_img=100, nms_iou=0.7)).eval()
     feats, sizes, pads = _feats(h=40, w=48), torch.tensor([[160, 192], [120, 150]]), torch.tensor([[160, 192], [128, 160]])

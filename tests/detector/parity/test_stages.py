@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from detector.parity.stages import TOLERANCES, compare_dense, compare_sets, first_n, relative
+from detector.model.sampling import random_sample
+from detector.parity.stages import TOLERANCES, compare_dense, compare_sets, first_n_sampling, relative
 
 
 def _set(boxes: list[list[float]], scores: list[float], labels: list[int]) -> dict[str, torch.Tensor]:
@@ -57,8 +58,8 @@ def test_sets_fail_on_matched_rows_that_drift() -> None:
 
 
 def test_first_n_takes_candidates_in_index_order() -> None:
-    gt_inds = torch.tensor([0, 2, -1, 0, 1, 1, 0, 3, 0])
-    pos, neg = first_n(gt_inds, num=4, pos_fraction=0.5)
-    assert pos.tolist() == [1, 4] and neg.tolist() == [0, 3]
-    pos, neg = first_n(torch.tensor([0, 0, 0, 1]), num=3, pos_fraction=0.5)
-    assert pos.tolist() == [3] and neg.tolist() == [0, 1]  # negatives fill what positives leave
+    with first_n_sampling():
+        s = random_sample(torch.tensor([[0, 2, -1, 0, 1, 1, 0, 3, 0]]), num=4, pos_fraction=0.5)
+        assert s.picked.tolist() == [[1, 4, 0, 3]] and s.positive.tolist() == [[True, True, False, False]]
+        s = random_sample(torch.tensor([[0, 0, 0, 1]]), num=3, pos_fraction=0.5)
+        assert s.picked.tolist() == [[3, 0, 1]] and s.valid.all()  # negatives fill what positives leave
