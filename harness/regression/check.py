@@ -85,12 +85,25 @@ def resolve_data(data: str | None, *, ci: bool, log: Log) -> Path | None:
 
 
 def overfit_root(base: Path, data_root: Path, images: int) -> Path:
-    """`<base>/_data/overfit-<n>/`: the first `images` images (by id) of the real train split."""
+    """`<base>/_data/overfit-<n>/`: the first `images` images (by id) of the real train split.
+
+    The harness's own derived file, so a later check (`harness regression` again, or `harness
+    baseline update` after it) reuses it when it is the same and replaces it when the data changed.
+    """
+    import filecmp
+    import os
+
     from detector.api import subset_annotations
     from harness.execute.plan import TRAIN_ANN, TRAIN_IMAGES
 
     root = base / "_data" / f"overfit-{images}"
-    subset_annotations(data_root / TRAIN_ANN, root / TRAIN_ANN, categories=None, max_images=images)
+    ann = root / TRAIN_ANN
+    fresh = ann.with_name(f".{ann.name}.{os.getpid()}.new")
+    subset_annotations(data_root / TRAIN_ANN, fresh, categories=None, max_images=images)
+    if ann.exists() and filecmp.cmp(ann, fresh, shallow=False):
+        fresh.unlink()
+    else:
+        os.replace(fresh, ann)
     link = root / TRAIN_IMAGES
     if link.is_symlink() or link.exists():
         if link.resolve() == (data_root / TRAIN_IMAGES).resolve():

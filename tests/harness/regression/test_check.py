@@ -367,3 +367,18 @@ def test_cli_missing_data_under_ci_is_one_line_exit_2(monkeypatch: pytest.Monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("harness: error: regression: --data")
     assert "CI=true" in err[0] and str(tmp_path / "coco128") in err[0]
+
+
+def test_overfit_subset_is_reused_on_a_second_check_and_replaced_when_the_data_changed(root: Path, tmp_path: Path) -> None:
+    # `harness regression` twice, or `harness baseline update` after it (what a refresh on purpose
+    # does), in the same runs folder: the harness's own subset must not stop the second command.
+    first = regression.overfit_root(tmp_path / "runs", root, 1)
+    ann = first / TRAIN_ANN
+    before = ann.read_bytes()
+    assert regression.overfit_root(tmp_path / "runs", root, 1) == first and ann.read_bytes() == before
+    data = json.loads((root / TRAIN_ANN).read_text())
+    data["annotations"][0]["bbox"] = [2, 2, 30, 20]
+    (root / TRAIN_ANN).write_text(json.dumps(data))
+    regression.overfit_root(tmp_path / "runs", root, 1)
+    assert json.loads(ann.read_text())["annotations"][0]["bbox"] == [2, 2, 30, 20]
+    assert sorted(p.name for p in ann.parent.iterdir()) == [ann.name]  # no temporary file left
