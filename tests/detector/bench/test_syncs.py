@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from detector.bench.pair import BenchSettings, build_pair, make_inputs
@@ -65,3 +66,29 @@ def test_inference_is_counted_under_no_grad_as_the_bench_does() -> None:
     with torch.no_grad():
         seen = count_syncs(lambda: torch.where(x > 3))[0]
     assert seen == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("nms_per_level", [False, True])
+def test_cuda_training_step_syncs_do_not_grow_with_the_batch(nms_per_level: bool) -> None:
+    """The real count on CUDA (`torch.cuda.set_sync_debug_mode`, as `detector.bench.gpu` counts):
+    the same for 2 and 4 images, and about what the CPU count says (7 or 10)."""
+    from detector.bench.gpu import count_syncs as cuda_syncs
+
+    settings = BenchSettings(size=(256, 320), gt_per_image=4)
+    ours, _ = build_pair(settings)
+    ours = ours.cuda().train()
+    ours.rpn_head.nms_per_level = nms_per_level
+    images, targets = make_inputs(settings, 4)
+    images = [im.cuda() for im in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    counts = []
+    for n in (2, 4):
+
+        def step(n: int = n) -> None:
+            sum(ours(images[:n], targets[:n]).values()).backward()
+
+        step()  # warm-up: cuDNN and the allocator settle first
+        counts.append(cuda_syncs(step, torch.device("cuda")))
+    assert counts[0] == counts[1] and counts[0] is not None and counts[0] <= 12, counts

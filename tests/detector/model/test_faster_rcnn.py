@@ -161,6 +161,26 @@ def test_cuda_fp16_autocast_dtypes() -> None:
     _check_autocast("cuda", torch.float16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_losses_equal_the_cpu_losses_under_deterministic_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sync-free assignment and slot sampling on CUDA (topk, scatter, masked losses) against the
+    # same model on CPU: the same samples, the same losses up to float rounding (TF32 off).
+    from detector.parity.stages import first_n_keys
+
+    monkeypatch.setattr("detector.model.sampling.random_keys", first_n_keys)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = build_detector(resolve({})).train()
+    images, targets = _images(), _targets(80)
+    with torch.no_grad():
+        cpu = {k: v.item() for k, v in model(images, targets).items()}
+        model.cuda()
+        cuda = {k: v.item() for k, v in model([im.cuda() for im in images],
+                                              [{k: v.cuda() for k, v in t.items()} for t in targets]).items()}  # fmt: skip
+    assert cuda == pytest.approx(cpu, rel=1e-4), (cuda, cpu)
+
+
 @pytest.mark.parametrize("axes", CELLS, ids=lambda a: "-".join(a.values()) or "r50-fpn")
 def test_every_cell_trains_and_predicts_at_tiny_size(axes: dict[str, str]) -> None:
     torch.manual_seed(0)
