@@ -94,10 +94,10 @@ def stack_padded_labels(labels: list[Tensor], width: int) -> Tensor:
     return out
 
 
-def count_per_image(image_ids: Tensor, num_images: int) -> Tensor:
-    """Rows of each image, `Tensor[N]` int64. Not `torch.bincount`: on CUDA it reads the largest id
-    back to the host to size its output (a sync)."""
-    return torch.zeros(num_images, dtype=torch.long, device=image_ids.device).scatter_add_(0, image_ids, torch.ones_like(image_ids))
+def count_ids(ids: Tensor, num_ids: int) -> Tensor:
+    """How many rows carry each id in [0, num_ids) (an image, an FPN level): `Tensor[num_ids]`
+    int64. Not `torch.bincount`: on CUDA it reads the ids' min and max back to the host (a sync)."""
+    return torch.zeros(num_ids, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def pad_per_image(rois: Tensor, num_images: int, width: int) -> tuple[Tensor, Tensor]:
@@ -105,7 +105,7 @@ def pad_per_image(rois: Tensor, num_images: int, width: int) -> tuple[Tensor, Te
     `Tensor[N, width, 4]` and `valid` `Tensor[N, width]`, each image's rows first, in their order.
     Ranks within an image are computed on the device: no sync."""
     image_ids = rois[:, 0].long()
-    counts = count_per_image(image_ids, num_images)
+    counts = count_ids(image_ids, num_images)
     rank = torch.arange(rois.shape[0], device=rois.device) - (torch.cumsum(counts, 0) - counts)[image_ids]
     boxes = rois.new_zeros((num_images, width, 4))
     valid = torch.zeros((num_images, width), dtype=torch.bool, device=rois.device)
@@ -143,4 +143,4 @@ def aligned_iou(pred: Tensor, target: Tensor, *, mode: str = "iou", eps: float =
     return ious - (enclose_area - union) / enclose_area
 
 
-__all__ = ["BoxCoder", "MAX_DWH", "aligned_iou", "box_area", "box_iou", "clip_boxes", "count_per_image", "pad_per_image", "stack_padded", "stack_padded_labels"]
+__all__ = ["BoxCoder", "MAX_DWH", "aligned_iou", "box_area", "box_iou", "clip_boxes", "count_ids", "pad_per_image", "stack_padded", "stack_padded_labels"]

@@ -16,7 +16,7 @@ from torchvision.ops import batched_nms
 from detector.config import BackboneConfig, RoIHeadConfig
 from detector.errors import ConfigError
 from detector.model.backbones import ResLayerHead
-from detector.model.box_ops import BoxCoder, pad_per_image, stack_padded, stack_padded_labels
+from detector.model.box_ops import BoxCoder, count_ids, pad_per_image, stack_padded, stack_padded_labels
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.poolers import RoIPooler
 from detector.model.rpn import topk_per_image
@@ -194,7 +194,7 @@ class StandardRoIHead(nn.Module):
         boxes, scores, img = boxes[r_idx, c_idx], scores[r_idx, c_idx], img[r_idx]
         keep = batched_nms(boxes, scores, img * k + c_idx, c.nms_iou)
         keep = topk_per_image(keep, img, n, c.max_per_img)
-        counts = torch.bincount(img[keep], minlength=n).tolist()
+        counts = count_ids(img[keep], n).tolist()  # the one sync: the host splits the detections
         return [
             {"boxes": b, "scores": s, "labels": lab}
             for b, s, lab in zip(boxes[keep].split(counts), scores[keep].split(counts), c_idx[keep].split(counts))

@@ -16,7 +16,7 @@ from torchvision.ops import batched_nms, nms
 from detector.config import ProposalConfig, RPNConfig
 from detector.errors import ConfigError
 from detector.model.anchors import AnchorGenerator, inside_flags
-from detector.model.box_ops import BoxCoder, count_per_image, stack_padded
+from detector.model.box_ops import BoxCoder, count_ids, stack_padded
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.sampling import max_iou_assign, random_sample
 
@@ -32,7 +32,7 @@ def topk_per_image(keep: Tensor, image_ids: Tensor, num_images: int, k: int, usa
     img = image_ids[keep]
     order = torch.sort(img, stable=True).indices
     keep, img = keep[order], img[order]
-    counts = count_per_image(img, num_images)
+    counts = count_ids(img, num_images)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(img.numel(), device=img.device) - starts[img]
     selected = rank < k

@@ -38,13 +38,13 @@ def _training_step_syncs(num_images: int, *, nms_per_level: bool) -> tuple[int, 
 
 def test_our_training_step_syncs_do_not_grow_with_the_batch() -> None:
     """The syncs a CUDA training step would make, counted by operator: assignment and sampling
-    make none (fixed-size slots), the RPN's NMS one per level, the pooler one per level, the
-    proposals' top-k one. The same for 2 and 4 images: a new per-image or per-box sync fails here."""
+    make none (fixed-size slots), the RPN's NMS one per level, the pooler one (its counts per
+    level), the proposals' top-k one. The same for 2 and 4 images: a new per-image or per-box sync fails here."""
     two = _training_step_syncs(2, nms_per_level=True)
     four = _training_step_syncs(4, nms_per_level=True)
     assert two == four, (two, four)
     total, by_op = two
-    assert by_op == {"torchvision::nms": 5, "aten::nonzero": 4, "aten::index.Tensor (boolean mask)": 1}, by_op
+    assert by_op == {"torchvision::nms": 5, "Tensor.tolist": 1, "aten::index.Tensor (boolean mask)": 1}, by_op
 
 
 def test_one_batched_nms_path_adds_only_its_own_syncs() -> None:
@@ -56,7 +56,7 @@ def test_one_batched_nms_path_adds_only_its_own_syncs() -> None:
     nms = by_op["torchvision::nms"]
     assert nms == 2 * 5 and by_op.get("aten::_unique2") == 1
     on_cuda = total - (1 + 2 * nms + 1) + 1
-    assert on_cuda == 4 + 1 + 1 + 1, by_op  # pooler levels, top-k, small-box filter, one NMS
+    assert on_cuda == 1 + 1 + 1 + 1, by_op  # pooler counts, top-k, small-box filter, one NMS
 
 
 def test_inference_is_counted_under_no_grad_as_the_bench_does() -> None:
@@ -73,7 +73,7 @@ def test_inference_is_counted_under_no_grad_as_the_bench_does() -> None:
 @pytest.mark.parametrize("nms_per_level", [False, True])
 def test_cuda_training_step_syncs_do_not_grow_with_the_batch(nms_per_level: bool) -> None:
     """The real count on CUDA (`torch.cuda.set_sync_debug_mode`, as `detector.bench.gpu` counts):
-    the same for 2 and 4 images, and about what the CPU count says (7 or 10)."""
+    the same for 2 and 4 images, and about what the CPU count says (4 or 7)."""
     from detector.bench.gpu import count_syncs as cuda_syncs
 
     settings = BenchSettings(size=(256, 320), gt_per_image=4)
@@ -91,4 +91,4 @@ def test_cuda_training_step_syncs_do_not_grow_with_the_batch(nms_per_level: bool
 
         step()  # warm-up: cuDNN and the allocator settle first
         counts.append(cuda_syncs(step, torch.device("cuda")))
-    assert counts[0] == counts[1] and counts[0] is not None and counts[0] <= 12, counts
+    assert counts[0] == counts[1] and counts[0] is not None and counts[0] <= 9, counts

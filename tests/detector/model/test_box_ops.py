@@ -5,7 +5,17 @@ import math
 import torch
 import torchvision
 
-from detector.model.box_ops import MAX_DWH, BoxCoder, aligned_iou, box_iou, clip_boxes
+from detector.model.box_ops import (
+    MAX_DWH,
+    BoxCoder,
+    aligned_iou,
+    box_iou,
+    clip_boxes,
+    count_ids,
+    pad_per_image,
+    stack_padded,
+    stack_padded_labels,
+)
 
 
 def _random_boxes(n: int, seed: int = 0) -> torch.Tensor:
@@ -64,3 +74,16 @@ def test_aligned_iou_and_giou() -> None:
     # Disjoint: GIoU = 0 - (300 - 200) / 300.
     torch.testing.assert_close(aligned_iou(a, b, mode="giou"), torch.tensor([50 / 150, -1 / 3]))
     torch.testing.assert_close(aligned_iou(a, b, mode="giou"), torchvision.ops.generalized_box_iou(a, b).diagonal())
+
+
+def test_padded_per_image_layouts() -> None:
+    a, b = torch.tensor([[0.0, 0, 4, 4], [1.0, 1, 5, 5]]), torch.zeros(0, 4)
+    assert stack_padded([a, b]).tolist() == [a.tolist(), [[0.0] * 4] * 2]
+    assert stack_padded([b, b]).shape == (2, 1, 4)  # at least one row: gathers stay in range
+    assert stack_padded_labels([torch.tensor([3, 1]), torch.zeros(0, dtype=torch.long)], 3).tolist() == [[3, 1, 0], [0, 0, 0]]
+    ids = torch.tensor([0, 0, 2, 2, 2])
+    assert count_ids(ids, 4).tolist() == [2, 0, 3, 0]
+    rois = torch.cat([ids[:, None].float(), torch.arange(20.0).view(5, 4)], dim=1)
+    boxes, valid = pad_per_image(rois, 3, 4)
+    assert valid.tolist() == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+    assert boxes[valid].tolist() == rois[:, 1:].tolist() and (boxes[~valid] == 0).all()
