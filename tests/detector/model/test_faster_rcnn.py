@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -184,7 +183,6 @@ def test_cuda_losses_equal_the_cpu_losses_under_deterministic_sampling(monkeypat
 @pytest.mark.parametrize("axes", CELLS, ids=lambda a: "-".join(a.values()) or "r50-fpn")
 def test_every_cell_trains_and_predicts_at_tiny_size(axes: dict[str, str]) -> None:
     torch.manual_seed(0)
-    start = time.perf_counter()
     cfg = resolve(axes)
     # Random init scores sit near 1/(C+1) < 0.05: drop the threshold so eval exercises NMS too.
     model = build_detector(replace(cfg, roi_head=replace(cfg.roi_head, score_thr=0.0)))
@@ -198,7 +196,6 @@ def test_every_cell_trains_and_predicts_at_tiny_size(axes: dict[str, str]) -> No
         dets = model(_images(), original_sizes=[(64, 96), (56, 80)])
     assert len(dets) == 2 and all(bool((d["labels"] < cfg.num_classes).all()) for d in dets)
     assert sum(d["boxes"].shape[0] for d in dets) > 0  # score_thr 0: the NMS path really ran
-    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.slow
