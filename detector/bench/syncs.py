@@ -59,18 +59,26 @@ def count_syncs(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     method for the call. Not counted: torchvision's `batched_nms` runs one NMS per group on CPU
     above 4,000 boxes (each a sync here) but one for all groups on CUDA up to 25,000 boxes."""
     counter = _SyncCounter()
-    tolist = torch.Tensor.tolist
+    tolist, tensor = torch.Tensor.tolist, torch.tensor
 
     def counted_tolist(self: torch.Tensor) -> Any:
         counter.counts["Tensor.tolist"] += 1
         return tolist(self)
 
+    def counted_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+        # Python data straight onto the model's device: a blocking host-to-device copy on CUDA.
+        if kwargs.get("device") is not None:
+            counter.counts["torch.tensor(device=)"] += 1
+        return tensor(*args, **kwargs)
+
     torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign, assignment]
+    torch.tensor = counted_tensor  # type: ignore[assignment]
     try:
         with counter:
             fn()
     finally:
         torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        torch.tensor = tensor
     return sum(counter.counts.values()), dict(counter.counts.most_common())
 
 

@@ -32,9 +32,13 @@ class BoxCoder:
 
     def __init__(self, stds: tuple[float, float, float, float]) -> None:
         self.stds = tuple(float(s) for s in stds)
+        self._on: dict[torch.device, Tensor] = {}
 
     def _stds(self, ref: Tensor) -> Tensor:
-        return torch.tensor(self.stds, dtype=torch.float32, device=ref.device)
+        # Made once per device: `torch.tensor(..., device=cuda)` waits for its copy (a host sync).
+        if ref.device not in self._on:
+            self._on[ref.device] = torch.tensor(self.stds, dtype=torch.float32).to(ref.device)
+        return self._on[ref.device]
 
     def encode(self, priors: Tensor, gts: Tensor) -> Tensor:
         priors, gts = priors.float(), gts.float()

@@ -97,8 +97,10 @@ class FasterRCNN(nn.Module):
             if self.to_bgr:
                 im = im.flip(0)
             batch[i, :, : sizes[i][0], : sizes[i][1]] = (im - self.pixel_mean) / self.pixel_std
-        image_sizes = torch.tensor(sizes, dtype=torch.long, device=device)
-        pad_shapes = torch.tensor([(math.ceil(h / d) * d, math.ceil(w / d) * d) for h, w in sizes], dtype=torch.long, device=device)
+        # Built on the host and sent without waiting: `torch.tensor(..., device=cuda)` is a blocking copy.
+        image_sizes = torch.tensor(sizes, dtype=torch.long).to(device, non_blocking=True)
+        pads = [(math.ceil(h / d) * d, math.ceil(w / d) * d) for h, w in sizes]
+        pad_shapes = torch.tensor(pads, dtype=torch.long).to(device, non_blocking=True)
         return batch, image_sizes, pad_shapes
 
     def scale_factors(self, image_sizes: Tensor, original_sizes: list[tuple[int, int]] | None) -> Tensor | None:
@@ -107,7 +109,7 @@ class FasterRCNN(nn.Module):
             return None
         if len(original_sizes) != image_sizes.shape[0]:
             raise ValueError(f"FasterRCNN.forward: {len(original_sizes)} original_sizes for {image_sizes.shape[0]} images")
-        orig = torch.tensor([(float(w), float(h)) for h, w in original_sizes], device=image_sizes.device)
+        orig = torch.tensor([(float(w), float(h)) for h, w in original_sizes]).to(image_sizes.device, non_blocking=True)
         return orig / image_sizes.flip(1).float()
 
 

@@ -132,7 +132,7 @@ class StandardRoIHead(nn.Module):
         props, prop_valid = pad_per_image(rois, n, max_rois_per_image or rois.shape[0])  # [N, P, 4], [N, P]
         gts = stack_padded([t["boxes"].to(device, torch.float32) for t in targets])  # [N, G, 4]
         gt_labels = stack_padded_labels([t["labels"].to(device, torch.long) for t in targets], gts.shape[1])
-        num_gts = torch.tensor([t["boxes"].shape[0] for t in targets], device=device)[:, None]
+        num_gts = torch.tensor([t["boxes"].shape[0] for t in targets]).to(device, non_blocking=True)[:, None]
         gt_slot = torch.arange(1, gts.shape[1] + 1, device=device)[None, :]
         assigned = [
             max_iou_assign(props[i], gts[i, : t["boxes"].shape[0]], pos_iou_thr=c.pos_iou_thr, neg_iou_thr=c.neg_iou_thr,
