@@ -80,6 +80,12 @@ def render_block(doc: dict[str, Any]) -> str:
                   "NMS per group here, one per call on CUDA): "
                   + ", ".join(f"{mode} ours {sum(hs[mode]['ours'].values())} / torchvision {sum(hs[mode]['theirs'].values())}"
                               for mode in ("infer", "train")) + "."]
+    if doc.get("operators"):
+        ops = doc["operators"]
+        lines += ["", "Kernels per call (operators that compute, backward included; each a kernel launch on a GPU, where "
+                  "a small batch waits on them; counted on CPU, whose NMS path differs as above): "
+                  + ", ".join(f"{mode} ours {ops[mode]['ours']['kernels']} / torchvision {ops[mode]['theirs']['kernels']}"
+                              for mode in ("infer", "train")) + "."]
     if mem is not None:
         lines += ["", f"Memory: {mem['kind']}; absolute peaks (MiB): "
                   + ", ".join(f"{mode} ours {mem[mode]['ours']['peak_mib']:.0f} / torchvision {mem[mode]['theirs']['peak_mib']:.0f}"

@@ -1,11 +1,13 @@
-"""Count the host synchronisations a call would make on CUDA, on any device.
+"""Count the host synchronisations a call would make on CUDA, and its kernel launches, on any device.
 
 On a GPU every operator whose output size depends on the data (`nonzero`, boolean-mask indexing,
 `unique`, NMS's kept count) or that hands a value to Python (`.item()`, `.tolist()`, `bool(t)`)
 makes the CPU wait for the GPU to drain its queue: the GPU then idles while Python launches the next
 kernels. `count_syncs(fn)` runs `fn` under a `TorchDispatchMode` that counts those operators, so the
 number can be measured and held in a test on CPU; `torch.cuda.set_sync_debug_mode` counts the real
-ones on CUDA (`detector.bench.gpu`).
+ones on CUDA (`detector.bench.gpu`). `count_operators(fn)` counts the operators `fn` dispatches,
+backward included, and those of them that compute (a GPU kernel launch each, at least): where a
+small batch leaves the GPU waiting on the host, that number is what a step costs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,31 @@ class _SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Operators that compute nothing: views (their schema says they alias), and allocation or relabelling.
+_NO_KERNEL = frozenset({"aten::_unsafe_view", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::_reshape_alias"})
+
+
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators = 0
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        self.operators += 1
+        if not func.is_view and func.name().split(".")[0] not in _NO_KERNEL:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(fn: Callable[[], Any]) -> dict[str, int]:
+    """Run `fn` once; `{"operators": every ATen operator dispatched, "kernels": those that compute}`."""
+    counter = _OperatorCounter()
+    with counter:
+        fn()
+    return {"operators": counter.operators, "kernels": counter.kernels}
+
+
 def count_syncs(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """Run `fn` once; returns (host syncs it would make on CUDA, by operator). Run inference under
     `torch.no_grad()`, not `torch.inference_mode()`: inference mode hides the `nonzero` inside
@@ -82,4 +109,4 @@ def count_syncs(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     return sum(counter.counts.values()), dict(counter.counts.most_common())
 
 
-__all__ = ["count_syncs"]
+__all__ = ["count_operators", "count_syncs"]

@@ -17,40 +17,15 @@ from __future__ import annotations
 import math
 from typing import cast
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detector.config import BackboneConfig
 from detector.errors import ConfigError
+from detector.model.fold import clear_fold_cache_, conv_bn
 
 # Bottleneck blocks per stage (reference 1.5: depth 50 / 101).
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
-
-
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, *, fold: bool = True) -> Tensor:
-    """`bn(conv(x))`, computed as one convolution when the BN uses its running statistics.
-
-    With frozen statistics (mmdet `norm_eval=True`, every recipe here) BN is the per-channel affine
-    `y * s + (beta - mean * s)`, `s = gamma / sqrt(var + eps)`, so it folds into the conv:
-    `conv(x, W * s) + (beta - mean * s)`. Same function of x, gamma and beta (autograd reaches gamma
-    and beta through the folded weight and bias, so a trainable affine trains as before), up to float
-    rounding; it saves one pass over the activation, and in training the BN input that its backward
-    keeps. A BN in training mode (batch statistics) is applied as is.
-    """
-    if not fold or bn.training or bn.running_var is None or bn.running_mean is None:
-        return bn(conv(x))
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    bias = -bn.running_mean * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class Bottleneck(nn.Module):
@@ -166,7 +141,9 @@ def freeze_norm_affine_(module: nn.Module) -> None:
 
 def set_fold_bn_(module: nn.Module, enabled: bool) -> None:
     """Fold frozen-statistics BN into the preceding conv (`conv_bn`) everywhere in `module`, or not:
-    the unfolded path is kept to check that the folded one computes the same thing."""
+    the unfolded path is kept to check that the folded one computes the same thing. Either way the
+    folded constants cached so far are forgotten (`fold.clear_fold_cache_`)."""
+    clear_fold_cache_(module)
     for m in module.modules():
         if isinstance(m, (Bottleneck, ResNet)):  # the modules with a conv_bn
             m.fold_bn = enabled
@@ -303,5 +280,5 @@ def build_backbone(cfg: BackboneConfig) -> ResNet:
     return ResNet(cfg)
 
 
-__all__ = ["Bottleneck", "ResLayerHead", "ResNet", "build_backbone", "conv_bn", "make_res_layer", "set_fold_bn_", "set_norm_eval_"]
+__all__ = ["Bottleneck", "ResLayerHead", "ResNet", "build_backbone", "make_res_layer", "set_fold_bn_", "set_norm_eval_"]
 

@@ -55,7 +55,7 @@ class FasterRCNN(nn.Module):
         # fp16 convs pay transposes), off until measured (`python -m detector.bench.gpu --ablation`);
         # it wants the conv weights channels-last too: `set_cuda_channels_last_`.
         self.cuda_channels_last = False
-        # Frozen-statistics BN folded into its conv (`backbones.conv_bn`): same math, one pass less.
+        # Frozen-statistics BN folded into its conv (`fold.conv_bn`): same math, one pass less.
         set_fold_bn_(self, True)
 
     def forward(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detector.bench.pair import BenchSettings, build_pair, make_inputs
-from detector.bench.syncs import count_syncs
+from detector.bench.syncs import count_operators, count_syncs
 
 
 def test_each_kind_of_sync_is_counted_once() -> None:
@@ -24,6 +24,34 @@ def test_each_kind_of_sync_is_counted_once() -> None:
     assert total == 4
     assert by_op == {"aten::index.Tensor (boolean mask)": 1, "aten::_local_scalar_dense": 1, "aten::nonzero": 1, "Tensor.tolist": 1}
     assert torch.Tensor.tolist(x) == list(map(float, range(10)))  # the method is restored
+
+
+def test_operators_and_the_kernels_among_them_are_counted() -> None:
+    x = torch.randn(4, 4, requires_grad=True)
+
+    def fn() -> None:
+        y = x.t() @ x  # a view (no kernel), a matmul
+        y.reshape(-1)[:3].sum().backward()  # views; sum; backward: ones, slice_backward, two mm, add
+
+    counted = count_operators(fn)
+    assert counted["kernels"] == 7 and counted["operators"] > counted["kernels"], counted
+
+
+def test_a_frozen_backbone_launches_one_kernel_per_conv_once_folded() -> None:
+    """Batch-1 inference is launch-bound on a GPU: once folded, a conv + frozen BN is one kernel."""
+    from detector.config import DetectorConfig
+    from detector.model.backbones import build_backbone, set_fold_bn_
+
+    backbone = build_backbone(DetectorConfig().backbone).eval()
+    set_fold_bn_(backbone, True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        backbone(x)
+        folded = count_operators(lambda: backbone(x))
+        set_fold_bn_(backbone, False)
+        plain = count_operators(lambda: backbone(x))
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in backbone.modules())
+    assert plain["kernels"] - folded["kernels"] == convs, (plain, folded, convs)  # one BN kernel per conv less
 
 
 def _training_step_syncs(num_images: int, *, nms_per_level: bool) -> tuple[int, dict[str, int]]:

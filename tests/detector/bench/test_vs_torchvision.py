@@ -98,6 +98,9 @@ def test_tiny_run_writes_bench_json_and_keeps_notes(tmp_path: Path) -> None:
     bench.write_reports(doc, tmp_path)  # the block is replaced, not appended again
     second = md_path.read_text(encoding="utf-8")
     assert second == first and "| inference, batch 1" in second
+    ops = loaded["operators"]
+    assert all(ops[mode][which]["kernels"] > 0 for mode in ("infer", "train") for which in ("ours", "theirs"))
+    assert f"infer ours {ops['infer']['ours']['kernels']} / torchvision {ops['infer']['theirs']['kernels']}" in second
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and builds both models

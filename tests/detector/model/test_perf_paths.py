@@ -1,7 +1,7 @@
 """The detector's fast paths compute what the plain paths compute (benchmarks.md, "what each change won").
 
 Each fast path has a switch; with it off the model runs the plain PyTorch modules:
-`backbones.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
+`fold.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
 `FasterRCNN.cpu_channels_last` (NHWC batches on CPU) and `RoIPooler.cpu_threads` (CPU RoIAlign
 split over threads).
 """
@@ -17,8 +17,9 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from detector.config import DetectorConfig, ProposalConfig
-from detector.model.backbones import conv_bn, set_fold_bn_
+from detector.model.backbones import set_fold_bn_
 from detector.model.faster_rcnn import FasterRCNN, build_detector
+from detector.model.fold import conv_bn
 from detector.model.poolers import (
     RoIPooler,
     ThreadedRoIAlign,
