@@ -74,18 +74,17 @@ def render_block(doc: dict[str, Any]) -> str:
         f"Detections per image: ours {doc['detections_per_image']['ours']}, torchvision "
         f"{doc['detections_per_image']['theirs']}.",
     ]
-    if doc.get("host_syncs"):
-        hs = doc["host_syncs"]
-        lines += ["", "Host syncs per call a CUDA run would make (counted on CPU; torchvision's batched NMS runs one "
-                  "NMS per group here, one per call on CUDA): "
-                  + ", ".join(f"{mode} ours {sum(hs[mode]['ours'].values())} / torchvision {sum(hs[mode]['theirs'].values())}"
-                              for mode in ("infer", "train")) + "."]
-    if doc.get("operators"):
-        ops = doc["operators"]
-        lines += ["", "Kernels per call (operators that compute, backward included; each a kernel launch on a GPU, where "
-                  "a small batch waits on them; counted on CPU, whose NMS path differs as above): "
-                  + ", ".join(f"{mode} ours {ops[mode]['ours']['kernels']} / torchvision {ops[mode]['theirs']['kernels']}"
-                              for mode in ("infer", "train")) + "."]
+    counted = (
+        ("host_syncs", "Host syncs per call a CUDA run would make (counted on CPU; torchvision's batched NMS runs one "
+         "NMS per group here, one per call on CUDA)", lambda side: sum(side.values())),
+        ("operators", "Kernels per call (operators that compute, backward included; each a kernel launch on a GPU, where "
+         "a small batch waits on them; counted on CPU, whose NMS path differs as above)", lambda side: side["kernels"]),
+    )  # fmt: skip
+    for key, label, value in counted:
+        if doc.get(key):
+            per_mode = (f"{mode} ours {value(doc[key][mode]['ours'])} / torchvision {value(doc[key][mode]['theirs'])}"
+                        for mode in ("infer", "train"))  # fmt: skip
+            lines += ["", f"{label}: " + ", ".join(per_mode) + "."]
     if mem is not None:
         lines += ["", f"Memory: {mem['kind']}; absolute peaks (MiB): "
                   + ", ".join(f"{mode} ours {mem[mode]['ours']['peak_mib']:.0f} / torchvision {mem[mode]['theirs']['peak_mib']:.0f}"
