@@ -188,6 +188,7 @@ ABLATION: dict[str, Callable[[FasterRCNN, bool], None]] = {
     "channels_last": set_cuda_channels_last_,
     "cudnn_benchmark": lambda _model, on: setattr(torch.backends.cudnn, "benchmark", on),
     "rpn_nms_per_level": lambda model, on: setattr(model.rpn_head, "nms_per_level", on),
+    "rpn_grouped_nms": lambda model, on: setattr(model.rpn_head, "grouped_nms", on),
 }
 
 
@@ -196,7 +197,7 @@ def ablation_rows(ours: FasterRCNN, calls: dict[str, Callable[[], None]], settin
     median seconds per call of each case in `calls`. Sequential blocks (a switch such as converting
     the weights to NHWC cannot go inside a timed call); the GPU is quiet enough for that."""
     defaults = {"fold_bn": True, "channels_last": False, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                "rpn_nms_per_level": ours.rpn_head.nms_per_level}
+                "rpn_nms_per_level": ours.rpn_head.nms_per_level, "rpn_grouped_nms": ours.rpn_head.grouped_nms}
     rows = []
     for name, switch in ABLATION.items():
         switch(ours, not defaults[name])

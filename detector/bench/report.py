@@ -78,7 +78,8 @@ def render_block(doc: dict[str, Any]) -> str:
         ("host_syncs", "Host syncs per call a CUDA run would make (counted on CPU; torchvision's batched NMS runs one "
          "NMS per group here, one per call on CUDA)", lambda side: sum(side.values())),
         ("operators", "Kernels per call (operators that compute, backward included; each a kernel launch on a GPU, where "
-         "a small batch waits on them; counted on CPU, whose NMS path differs as above)", lambda side: side["kernels"]),
+         "a small batch waits on them; counted on CPU, whose NMS path differs as above and whose SGD step loops over "
+         "the parameters, ours train more of them: BN affine)", lambda side: side["kernels"]),
     )  # fmt: skip
     for key, label, value in counted:
         if doc.get(key):

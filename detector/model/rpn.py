@@ -18,6 +18,7 @@ from detector.errors import ConfigError
 from detector.model.anchors import AnchorGenerator, inside_flags
 from detector.model.box_ops import BoxCoder, count_ids, stack_padded
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
+from detector.model.nms import grouped_nms
 from detector.model.sampling import max_iou_assign, random_sample
 
 
@@ -72,6 +73,27 @@ def nms_per_level(boxes: Tensor, scores: Tensor, image_ids: Tensor, num_images: 
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
+def grouped_nms_per_level(boxes: Tensor, scores: Tensor, num_images: int, level_sizes: list[int], iou: float) -> Tensor:
+    """NMS per (image, level), all groups decided at once (`nms.grouped_nms`).
+
+    Same layout and return as `nms_per_level`, except that candidates scored -inf (mmdet drops
+    them before NMS) take no part and are not returned. The groups are padded to the largest level.
+    """
+    device = boxes.device
+    m, width = sum(level_sizes), max(level_sizes)
+    idx = torch.full((num_images, len(level_sizes), width), -1, dtype=torch.long, device=device)
+    start = 0
+    for lvl, size in enumerate(level_sizes):
+        idx[:, lvl, :size] = torch.arange(num_images, device=device)[:, None] * m + torch.arange(start, start + size, device=device)
+        start += size
+    idx = idx.reshape(-1, width)  # [G, width], G = images x levels
+    flat = idx.clamp(min=0)
+    group_scores = scores[flat].masked_fill(idx < 0, float("-inf"))
+    keep = grouped_nms(boxes[flat], group_scores, iou)
+    kept = flat[keep].sort().values  # the one sync: how many were kept
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+
+
 class RPNHead(nn.Module):
     """mmdet `RPNHead` (`num_convs=1`): shared 3x3 conv + ReLU, sigmoid objectness `rpn_cls` (A
     channels) and `rpn_reg` (4A channels), all Normal(0, 0.01) with zero bias (reference 1.2).
@@ -105,6 +127,10 @@ class RPNHead(nn.Module):
         # than 25,000 candidates: 3 or more images per GPU); below that a candidate, off until
         # measured on a GPU (`python -m detector.bench.gpu --ablation`).
         self.nms_per_level = False
+        # All (image, level) groups decided side by side with tensor operations (`nms.grouped_nms`)
+        # instead of torchvision's NMS, whose keep pass walks every box of a call in one thread
+        # block. Same kept boxes; a candidate, off until measured on a GPU.
+        self.grouped_nms = False
 
     def head(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: objectness logits `Tensor[N, K_l]` and deltas `Tensor[N, K_l, 4]`, in anchor order."""
@@ -171,7 +197,10 @@ class RPNHead(nn.Module):
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
         usable = (wh > cfg.min_bbox_size).all(dim=1)  # mmdet drops the others before NMS
-        if self.nms_per_level or (boxes.is_cuda and boxes.numel() > TORCHVISION_ONE_CALL_NUMEL_CUDA):
+        if self.grouped_nms:
+            sizes = [s.shape[1] for s in top_scores]
+            keep = grouped_nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), n, sizes, cfg.nms_iou)
+        elif self.nms_per_level or (boxes.is_cuda and boxes.numel() > TORCHVISION_ONE_CALL_NUMEL_CUDA):
             sizes = [s.shape[1] for s in top_scores]
             keep = nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), image_ids, n, sizes, cfg.nms_iou)
         else:
@@ -229,4 +258,4 @@ class RPNHead(nn.Module):
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
 
 
-__all__ = ["TORCHVISION_ONE_CALL_NUMEL_CUDA", "RPNHead", "nms_per_level", "topk_per_image"]
+__all__ = ["TORCHVISION_ONE_CALL_NUMEL_CUDA", "RPNHead", "grouped_nms_per_level", "nms_per_level", "topk_per_image"]
