@@ -224,7 +224,10 @@ def _optional(measure: Callable[..., Any], call: Callable[[], None], device: tor
         return None
 
 
-def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print,
+        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """All cases in both precisions (and the ablation); `progress` gets the document so far
+    (`"complete": False`) after each row, so that a call cut short by a time limit keeps its rows."""
     device = torch.device(settings.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -263,6 +266,8 @@ def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print) -> di
                 row["ours_fps"] = round(n / summary["ours_median_s"], 2)
                 row["theirs_fps"] = round(n / summary["theirs_median_s"], 2)
             results[f"{case}/{precision}"] = row
+            if progress is not None:
+                progress(document(settings, results, ablation, complete=False))
             log(f"bench gpu: {case} {precision}: ours {summary['ours_median_s'] * 1000:.1f} ms, torchvision "
                 f"{summary['theirs_median_s'] * 1000:.1f} ms, ratio {summary['ratio']:.3f}")  # fmt: skip
         if settings.ablation:
@@ -271,7 +276,15 @@ def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print) -> di
                                      precision=precision, device=device, seed=settings.seed)
                      for case in ("infer1", "train2") if case in settings.cases}  # fmt: skip
             ablation[precision] = ablation_rows(ours, calls, settings)
+            if progress is not None:
+                progress(document(settings, results, ablation, complete=False))
+    return document(settings, results, ablation, complete=True)
+
+
+def document(settings: GpuBenchSettings, results: dict[str, Any], ablation: dict[str, Any], *, complete: bool) -> dict[str, Any]:
+    """bench_gpu.json's document from the rows measured so far."""
     doc = {
+        "complete": complete,
         "results": results,
         "goals": evaluate_goals(results),
         "ablation": ablation or None,
@@ -336,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--size sides must be >= 64, --pairs >= 1, --warmup >= 0")
     settings = GpuBenchSettings(device=args.device, size=(h, w), pairs=args.pairs, warmup=args.warmup, cases=cases,
                                 precisions=precisions, profile=not args.no_profile, ablation=args.ablation)  # fmt: skip
-    doc = run(settings)
+    # Written after every row too: a run cut short by a time limit leaves what it measured.
+    doc = run(settings, progress=lambda partial: write_gpu_reports(partial, args.out))
     json_path, md_path = write_gpu_reports(doc, args.out)
     print(f"bench gpu: wrote {json_path} and {md_path}")
     for g in doc["goals"]:
@@ -348,5 +362,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ABLATION", "CASES", "PRECISIONS", "GpuBenchSettings", "count_syncs", "evaluate_goals", "main", "make_call",
+__all__ = ["ABLATION", "CASES", "PRECISIONS", "GpuBenchSettings", "count_syncs", "document", "evaluate_goals", "main", "make_call",
            "peak_memory", "profile_call", "run"]

@@ -40,6 +40,11 @@ def render_gpu_block(doc: dict[str, Any]) -> str:
         f"pairs per row after {s['warmup']} warm-up calls of each; every call ends with a device synchronize. "
         f"fp32: {s['fp32']}. AMP: {s['amp']}.",
         "",
+    ]
+    if not doc.get("complete", True):
+        lines += ["**Partial run**: the call ended before every row was measured; the rows below are those it "
+                  "finished.", ""]
+    lines += [
         "| case | precision | ours ms | torchvision ms | ratio | ours fps | ours / tv peak GiB | ours / tv host syncs |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -41,6 +41,20 @@ def test_cpu_dry_run_writes_json_and_block_keeping_the_cpu_block(tmp_path: Path)
     assert text.count(BEGIN_GPU) == 1 and text.count(END_GPU) == 1 and "| train2 (2 img)" not in text
 
 
+def test_each_row_is_written_as_it_is_measured(tmp_path: Path) -> None:
+    """A device call killed at its time limit keeps the rows measured before: the document is handed
+    over (and `main` writes it) after every row, marked partial until the end."""
+    seen: list[dict] = []
+    settings = gpu.GpuBenchSettings(device="cpu", size=(64, 96), pairs=1, warmup=0, cases=("infer1", "train2"),
+                                    precisions=("fp32",), profile=False)  # fmt: skip
+    final = gpu.run(settings, log=lambda _: None, progress=lambda doc: seen.append(json.loads(json.dumps(doc))))
+    assert [sorted(d["results"]) for d in seen] == [["infer1/fp32"], ["infer1/fp32", "train2/fp32"]]
+    assert not any(d["complete"] for d in seen) and final["complete"]
+    first = render_gpu_block(seen[0])
+    assert "**Partial run**" in first and "| infer1 (1 img) | fp32 |" in first and "train2 (2 img)" not in first
+    assert "**Partial run**" not in render_gpu_block(final)
+
+
 def test_nox_bench_device_cuda_goes_to_the_gpu_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str] | None] = []
     monkeypatch.setattr(gpu, "main", lambda argv=None: seen.append(argv) or 0)
