@@ -225,7 +225,7 @@ def _optional(measure: Callable[..., Any], call: Callable[[], None], device: tor
 
 
 def run(settings: GpuBenchSettings, *, log: Callable[[str], None] = print,
-        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        progress: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
     """All cases in both precisions (and the ablation); `progress` gets the document so far
     (`"complete": False`) after each row, so that a call cut short by a time limit keeps its rows."""
     device = torch.device(settings.device)
