@@ -81,20 +81,15 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def stack_padded(boxes: list[Tensor]) -> Tensor:
-    """Per-image boxes `[G_i, 4]` as one `Tensor[N, max(max_i G_i, 1), 4]`, zero rows after each
-    image's own (the G_i are shapes, known on the host: no sync)."""
-    out = boxes[0].new_zeros((len(boxes), max([b.shape[0] for b in boxes] + [1]), 4))
-    for i, b in enumerate(boxes):
-        out[i, : b.shape[0]] = b
-    return out
-
-
-def stack_padded_labels(labels: list[Tensor], width: int) -> Tensor:
-    """Per-image labels `[G_i]` as one `Tensor[N, width]` (zeros after each image's own)."""
-    out = labels[0].new_zeros((len(labels), width))
-    for i, lab in enumerate(labels):
-        out[i, : lab.shape[0]] = lab
+def stack_padded(rows: list[Tensor], width: int | None = None) -> Tensor:
+    """Per-image rows `[G_i, ...]` (boxes `[G_i, 4]`, labels `[G_i]`) as one `Tensor[N, width, ...]`,
+    zeros after each image's own; `width` defaults to `max(max_i G_i, 1)` (at least one row, so
+    gathers stay in range). The G_i are shapes, known on the host: no sync."""
+    if width is None:
+        width = max([r.shape[0] for r in rows] + [1])
+    out = rows[0].new_zeros((len(rows), width, *rows[0].shape[1:]))
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
     return out
 
 
@@ -147,4 +142,4 @@ def aligned_iou(pred: Tensor, target: Tensor, *, mode: str = "iou", eps: float =
     return ious - (enclose_area - union) / enclose_area
 
 
-__all__ = ["BoxCoder", "MAX_DWH", "aligned_iou", "box_area", "box_iou", "clip_boxes", "count_ids", "pad_per_image", "stack_padded", "stack_padded_labels"]
+__all__ = ["BoxCoder", "MAX_DWH", "aligned_iou", "box_area", "box_iou", "clip_boxes", "count_ids", "pad_per_image", "stack_padded"]

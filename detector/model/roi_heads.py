@@ -16,7 +16,7 @@ from torchvision.ops import batched_nms
 from detector.config import BackboneConfig, RoIHeadConfig
 from detector.errors import ConfigError
 from detector.model.backbones import ResLayerHead
-from detector.model.box_ops import BoxCoder, count_ids, pad_per_image, stack_padded, stack_padded_labels
+from detector.model.box_ops import BoxCoder, count_ids, pad_per_image, stack_padded
 from detector.model.losses import DECODED_LOSSES, box_loss, check_box_loss
 from detector.model.poolers import RoIPooler
 from detector.model.rpn import topk_per_image
@@ -131,7 +131,7 @@ class StandardRoIHead(nn.Module):
         device = rois.device
         props, prop_valid = pad_per_image(rois, n, max_rois_per_image or rois.shape[0])  # [N, P, 4], [N, P]
         gts = stack_padded([t["boxes"].to(device, torch.float32) for t in targets])  # [N, G, 4]
-        gt_labels = stack_padded_labels([t["labels"].to(device, torch.long) for t in targets], gts.shape[1])
+        gt_labels = stack_padded([t["labels"].to(device, torch.long) for t in targets], gts.shape[1])
         num_gts = torch.tensor([t["boxes"].shape[0] for t in targets]).to(device, non_blocking=True)[:, None]
         gt_slot = torch.arange(1, gts.shape[1] + 1, device=device)[None, :]
         assigned = [

@@ -14,7 +14,6 @@ from detector.model.box_ops import (
     count_ids,
     pad_per_image,
     stack_padded,
-    stack_padded_labels,
 )
 
 
@@ -80,7 +79,7 @@ def test_padded_per_image_layouts() -> None:
     a, b = torch.tensor([[0.0, 0, 4, 4], [1.0, 1, 5, 5]]), torch.zeros(0, 4)
     assert stack_padded([a, b]).tolist() == [a.tolist(), [[0.0] * 4] * 2]
     assert stack_padded([b, b]).shape == (2, 1, 4)  # at least one row: gathers stay in range
-    assert stack_padded_labels([torch.tensor([3, 1]), torch.zeros(0, dtype=torch.long)], 3).tolist() == [[3, 1, 0], [0, 0, 0]]
+    assert stack_padded([torch.tensor([3, 1]), torch.zeros(0, dtype=torch.long)], 3).tolist() == [[3, 1, 0], [0, 0, 0]]
     ids = torch.tensor([0, 0, 2, 2, 2])
     assert count_ids(ids, 4).tolist() == [2, 0, 3, 0]
     rois = torch.cat([ids[:, None].float(), torch.arange(20.0).view(5, 4)], dim=1)
