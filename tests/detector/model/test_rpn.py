@@ -127,14 +127,16 @@ def test_batched_sort_orders_ties_as_per_image_sort() -> None:
         assert torch.equal(batched[i], scores[i].sort(descending=True).indices)
 
 
-def test_nms_per_level_keeps_what_one_batched_nms_keeps() -> None:
+@pytest.mark.parametrize("path", ["nms_per_level", "grouped_nms"])
+def test_fast_nms_paths_keep_what_one_batched_nms_keeps(path: str) -> None:
     """The per-level path (`RPNHead.nms_per_level`, and CUDA batches above torchvision's one-call
-    size) keeps the same boxes in the same order as one `batched_nms` over all (image, level)
-    groups of the boxes mmdet keeps before NMS; proposals are the same rows (boxes of exactly
-    equal score, such as anchors over padding, may come in another order)."""
+    size) and the grouped one (`RPNHead.grouped_nms`: all groups decided at once) keep the same
+    boxes in the same order as one `batched_nms` over all (image, level) groups of the boxes mmdet
+    keeps before NMS (the per-level path also returns the dropped ones, last); proposals are the
+    same rows (boxes of exactly equal score, such as anchors over padding, may come in another order)."""
     from torchvision.ops import batched_nms
 
-    from detector.model.rpn import nms_per_level, topk_per_image
+    from detector.model.rpn import grouped_nms_per_level, nms_per_level, topk_per_image
 
     g = torch.Generator().manual_seed(0)
     n, level_sizes = 3, [400, 300, 200, 100, 50]
@@ -147,45 +149,19 @@ def test_nms_per_level_keeps_what_one_batched_nms_keeps() -> None:
     usable = torch.rand(n * m, generator=g) > 0.2
     ok = torch.nonzero(usable).squeeze(1)
     ref = ok[batched_nms(boxes[ok], scores[ok], (image_ids * 5 + levels)[ok], 0.7)]
-    got = nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), image_ids, n, level_sizes, 0.7)
-    assert 0 < ref.numel() < usable.sum() and torch.equal(got[usable[got]], ref)
+    masked = scores.masked_fill(~usable, float("-inf"))
+    if path == "nms_per_level":
+        got = nms_per_level(boxes, masked, image_ids, n, level_sizes, 0.7)
+        got_usable = got[usable[got]]
+    else:
+        got = got_usable = grouped_nms_per_level(boxes, masked, n, level_sizes, 0.7)
+    assert 0 < ref.numel() < usable.sum() and torch.equal(got_usable, ref)
     assert torch.equal(topk_per_image(got, image_ids, n, 150, usable), topk_per_image(ref, image_ids, n, 150))
     torch.manual_seed(0)
     head = _head(test=ProposalConfig(nms_pre=200, max_per_img=100, nms_iou=0.7)).eval()
     feats, sizes, pads = _feats(h=40, w=48), torch.tensor([[160, 192], [120, 150]]), torch.tensor([[160, 192], [128, 160]])
     plain, _ = head(feats, sizes, pads)
-    head.nms_per_level = True
-    per_level, _ = head(feats, sizes, pads)
-    assert plain.shape == per_level.shape and torch.equal(plain[:, 0], per_level[:, 0])
-    assert sorted(map(tuple, plain.tolist())) == sorted(map(tuple, per_level.tolist()))
-
-
-def test_grouped_nms_keeps_what_one_batched_nms_keeps() -> None:
-    """The grouped path (`RPNHead.grouped_nms`: all (image, level) groups decided at once) keeps the
-    boxes one `batched_nms` keeps, in the same order, and the head proposes the same rows."""
-    from torchvision.ops import batched_nms
-
-    from detector.model.rpn import grouped_nms_per_level, topk_per_image
-
-    g = torch.Generator().manual_seed(1)
-    n, level_sizes = 3, [400, 300, 200, 100, 50]
-    m = sum(level_sizes)
-    xy = torch.randint(0, 200, (n * m, 2), generator=g).float()
-    boxes = torch.cat([xy, xy + torch.randint(4, 60, (n * m, 2), generator=g).float()], 1)
-    scores = torch.rand(n * m, generator=g)
-    image_ids = torch.arange(n)[:, None].expand(n, m).reshape(-1)
-    levels = torch.cat([torch.full((size,), lvl) for lvl, size in enumerate(level_sizes)]).repeat(n)
-    usable = torch.rand(n * m, generator=g) > 0.2
-    ok = torch.nonzero(usable).squeeze(1)
-    ref = ok[batched_nms(boxes[ok], scores[ok], (image_ids * 5 + levels)[ok], 0.7)]
-    got = grouped_nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), n, level_sizes, 0.7)
-    assert 0 < ref.numel() < usable.sum() and torch.equal(got, ref)
-    assert torch.equal(topk_per_image(got, image_ids, n, 150, usable), topk_per_image(ref, image_ids, n, 150))
-    torch.manual_seed(0)
-    head = _head(test=ProposalConfig(nms_pre=200, max_per_img=100, nms_iou=0.7)).eval()
-    feats, sizes, pads = _feats(h=40, w=48), torch.tensor([[160, 192], [120, 150]]), torch.tensor([[160, 192], [128, 160]])
-    plain, _ = head(feats, sizes, pads)
-    head.grouped_nms = True
-    grouped, _ = head(feats, sizes, pads)
-    assert plain.shape == grouped.shape and torch.equal(plain[:, 0], grouped[:, 0])
-    assert sorted(map(tuple, plain.tolist())) == sorted(map(tuple, grouped.tolist()))
+    setattr(head, path, True)
+    fast, _ = head(feats, sizes, pads)
+    assert plain.shape == fast.shape and torch.equal(plain[:, 0], fast[:, 0])
+    assert sorted(map(tuple, plain.tolist())) == sorted(map(tuple, fast.tolist()))
