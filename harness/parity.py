@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.execute.provenance import UNKNOWN, git_info
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import repo_root
 
@@ -54,11 +54,12 @@ def pick_images(root: Path, count: int) -> list[Image]:
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The short commit, with "+changes" when tracked files differ from it; read when the check
+    starts, so that a commit made while it runs is not named for code it did not run."""
+    info = git_info(repo_root())
+    if info["git_commit"] == UNKNOWN:
+        return UNKNOWN
+    return str(info["git_commit"])[:7] + ("+changes" if info["git_dirty"] else "")
 
 
 def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: int, seed: int,
@@ -69,6 +70,7 @@ def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: i
     MMDetection are listed, not failures)."""
     import detector.api as api  # the parity names import mmdet: only here
 
+    commit = _commit()
     spec = load_matrix(matrix)
     cells = spec.select(only)
     try:
@@ -94,7 +96,7 @@ def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: i
     doc = {
         "matrix": spec.name, "mmdetection": versions,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-        "commit": _commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+        "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
         "images": [str(p.relative_to(data)) for p, _ in picked], "data": data.name, "seed": seed,
         "cells": rows,
     }  # fmt: skip

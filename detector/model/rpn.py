@@ -205,8 +205,10 @@ class RPNHead(nn.Module):
             keep = nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), image_ids, n, sizes, cfg.nms_iou)
         else:
             groups = image_ids * len(anchors) + torch.cat(levels).repeat(n)
-            ok = torch.nonzero(usable).squeeze(1)  # one nonzero (a host sync on CUDA) for the three tensors
-            keep = ok[batched_nms(boxes[ok], scores[ok], groups[ok], cfg.nms_iou)]
+            # Boxes mmdet drops before NMS are scored -inf rather than selected out (a nonzero, a host
+            # sync on CUDA): the lowest of their group, they suppress nothing that is kept, and the
+            # top-k below drops them.
+            keep = batched_nms(boxes, scores.masked_fill(~usable, float("-inf")), groups, cfg.nms_iou)
         keep = topk_per_image(keep, image_ids, n, cfg.max_per_img, usable)
         return torch.cat([image_ids[keep, None].to(boxes.dtype), boxes[keep]], dim=1)
 

@@ -138,3 +138,24 @@ def test_a_cell_still_different_with_its_deviation_applied_fails() -> None:
 
 def test_no_parity_file_no_marks(tmp_path: Path) -> None:
     assert load_marks(tmp_path / "absent.json") == ({}, "")
+
+
+def test_the_commit_named_is_the_one_the_check_started_at(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          coco_root: Path) -> None:  # fmt: skip
+    """A commit made while the cells run is not named for code the check did not run; tracked
+    changes at the start are said ("+changes")."""
+    import harness.parity as parity
+
+    head = {"git_commit": "a" * 40, "git_dirty": True}
+
+    def fake_check(*, name: str, cfg: Any, images: list[Any], seed: int) -> dict[str, Any]:
+        head.update(git_commit="b" * 40, git_dirty=False)  # committed meanwhile
+        return _row(name, ok=True)
+
+    monkeypatch.setattr(parity, "git_info", lambda _root: dict(head))
+    monkeypatch.setattr(api, "parity_check", fake_check, raising=False)
+    monkeypatch.setattr(api, "parity_versions", lambda: {"mmdet": "3.3.0", "mmengine": "0.10.7", "mmcv": "2.1.0"}, raising=False)
+    run_parity(matrix="faster_rcnn", only=["faster-rcnn_r50_fpn_1x_coco"], data=coco_root, images=2, seed=0,
+               out_dir=tmp_path, log=lambda _line: None)  # fmt: skip
+    assert json.loads((tmp_path / PARITY_JSON).read_text())["commit"] == "aaaaaaa+changes"
+    assert "Checked at commit `aaaaaaa+changes`" in (tmp_path / PARITY_MD).read_text()
