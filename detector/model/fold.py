@@ -25,98 +25,103 @@ A write through `.data` bypasses the version counter (PyTorch's rule for `.data`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-T = TypeVar("T")
-_STORE = "_fold_cache"  # a plain attribute of the conv / BN module: not a buffer, not in state_dict
+_STORE = "_fold_cache"  # a plain attribute of the conv: not a buffer, not in state_dict
 
 
 def _identity(*tensors: Tensor | None) -> tuple[Any, ...] | None:
-    """What a value made from `tensors` depends on; None when it cannot be tracked (an inference
-    tensor has no version counter)."""
+    """What a value made from `tensors` depends on: each one's object, storage, dtype and version;
+    None when that cannot be tracked (an inference tensor has no version counter)."""
     out: list[Any] = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-        elif t.is_inference():
-            return None
-        else:
-            out.append((id(t), t.data_ptr(), t.dtype, t.device, t._version))
+    try:
+        for t in tensors:
+            out.append(None if t is None else (id(t), t.data_ptr(), t.dtype, t._version))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
     return tuple(out)
 
 
-def _cached(owner: nn.Module, slot: str, key: tuple[Any, ...] | None, make: Callable[[], T]) -> T:
-    """`make()` under no_grad, kept on `owner` under `slot` and returned again while `key` holds."""
-    store: dict[str, tuple[Any, Any]] = owner.__dict__.setdefault(_STORE, {})
-    hit = store.get(slot)
-    if key is not None and hit is not None and hit[0] == key:
-        return hit[1]  # type: ignore[no-any-return]
-    with torch.no_grad():
-        value = make()
-    if key is None:
-        store.pop(slot, None)
-    else:
-        store[slot] = (key, value)
-    return value
-
-
-def _drop(owner: nn.Module, slot: str) -> None:
-    """Forget `slot`: a conv that trains now must not keep the folded weight an inference left."""
-    owner.__dict__.get(_STORE, {}).pop(slot, None)
+def _trains(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _key(context: tuple[Any, ...] | None, *tensors: Tensor | None) -> tuple[Any, ...] | None:
-    """A cache key: `context` (the key of what the value is made from as well) and `tensors`'
-    identities; None, so nothing is cached, when either cannot be tracked."""
-    ident = _identity(*tensors)
-    return None if context is None or ident is None else (context, ident)
-
-
 def folded_conv_params(conv: nn.Conv2d, bn: nn.BatchNorm2d, device_type: str) -> tuple[Tensor, Tensor]:
-    """The weight and bias of `conv` with `bn` (frozen statistics) folded in, for a call on `device_type`."""
-    var, mean = bn.running_var, bn.running_mean
-    assert var is not None and mean is not None
-    stats_key = _key((torch.is_inference_mode_enabled(), bn.eps), var, mean)
-    inv_std, neg_mean = _cached(bn, "stats", stats_key, lambda: (torch.rsqrt(var + bn.eps), -mean))
+    """The weight and bias of `conv` with `bn` (frozen statistics) folded in, for a call on `device_type`.
+
+    Three slots in `conv`'s cache: "stats" (`1/sqrt(var + eps)`, `-mean`), "affine" (scale and
+    bias) where the affine needs no gradient, "weight" (both folded, autocast's cast applied) where
+    nothing does. It runs in every conv of every call: the module's tensors are read from
+    `_parameters` / `_buffers` once (`nn.Module.__getattr__` costs microseconds a lookup) and a hit
+    of the "weight" slot reads nothing else.
+    """
+    params, buffers = bn._parameters, bn._buffers
+    var, mean = buffers["running_var"], buffers["running_mean"]
+    gamma, beta = params.get("weight"), params.get("bias")
+    weight, conv_bias = conv._parameters["weight"], conv._parameters.get("bias")
+    assert var is not None and mean is not None and weight is not None
+    store: dict[str, tuple[Any, Any]] = conv.__dict__.setdefault(_STORE, {})
+    grad = torch.is_grad_enabled()
+    affine_trains = grad and _trains(gamma, beta, conv_bias)
+    weight_trains = grad and weight.requires_grad
+    mode = torch.is_inference_mode_enabled()
+    amp = _autocast_dtype(device_type)
+    key: tuple[Any, ...] | None = None  # of the "weight" slot
+    if not (affine_trains or weight_trains):
+        ident = _identity(var, mean, gamma, beta, conv_bias, weight)
+        key = None if ident is None else (mode, amp, bn.eps, ident)
+        hit = store.get("weight")
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]  # type: ignore[no-any-return]
+    else:
+        store.pop("weight", None)  # a conv that trains now: drop what an inference left
+
+    def cached(slot: str, key: tuple[Any, ...] | None, make: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        hit = store.get(slot)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]  # type: ignore[no-any-return]
+        with torch.no_grad():
+            value = make()
+        if key is not None:
+            store[slot] = (key, value)
+        return value
+
+    stats_ident = _identity(var, mean)
+    stats_key = None if stats_ident is None else (mode, bn.eps, stats_ident)
+    inv_std, neg_mean = cached("stats", stats_key, lambda: (torch.rsqrt(var + bn.eps), -mean))
 
     def affine() -> tuple[Tensor, Tensor]:
-        scale = inv_std * bn.weight if bn.weight is not None else inv_std
+        scale = inv_std * gamma if gamma is not None else inv_std
         bias = neg_mean * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
+        if beta is not None:
+            bias = bias + beta
+        if conv_bias is not None:
+            bias = bias + conv_bias * scale
         return scale, bias
 
-    if _needs_grad(bn.weight, bn.bias, conv.bias):  # a trained affine: folded anew at every call
-        _drop(conv, "weight")
+    if affine_trains:  # a trained affine: folded anew at every call
         scale, bias = affine()
-        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
-    affine_key = _key(stats_key, bn.weight, bn.bias, conv.bias)
-    scale, bias = _cached(bn, "affine", affine_key, affine)
-    if _needs_grad(conv.weight):
-        _drop(conv, "weight")
-        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
-    amp = _autocast_dtype(device_type)
+        return weight * scale.reshape(-1, 1, 1, 1), bias
+    affine_ident = _identity(gamma, beta, conv_bias)
+    affine_key = None if stats_key is None or affine_ident is None else (stats_key, affine_ident)
+    scale, bias = cached("affine", affine_key, affine)
+    if weight_trains:
+        return weight * scale.reshape(-1, 1, 1, 1), bias
 
-    def weight() -> tuple[Tensor, Tensor]:
-        w = conv.weight * scale.reshape(-1, 1, 1, 1)
+    def folded() -> tuple[Tensor, Tensor]:
+        w = weight * scale.reshape(-1, 1, 1, 1)
         # Autocast would cast both at every call (any float but float64); the same cast, once.
         return (w.to(amp), bias.to(amp)) if amp is not None and w.dtype != torch.float64 else (w, bias)
 
-    return _cached(conv, "weight", _key((affine_key, amp) if affine_key else None, conv.weight), weight)
+    return cached("weight", key, folded)
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, *, fold: bool = True) -> Tensor:
