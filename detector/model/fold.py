@@ -127,10 +127,22 @@ def folded_conv_params(conv: nn.Conv2d, bn: nn.BatchNorm2d, device_type: str) ->
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, *, fold: bool = True) -> Tensor:
     """`bn(conv(x))`, computed as one convolution when the BN uses its running statistics (see the
     module's docstring). A BN in training mode (batch statistics) is applied as is."""
-    if not fold or bn.training or bn.running_var is None or bn.running_mean is None:
+    # `_buffers` read directly: `bn.running_var` goes through nn.Module.__getattr__ (~2.5 us each).
+    buffers = bn._buffers
+    if not fold or bn.training or buffers.get("running_var") is None or buffers.get("running_mean") is None:
         return bn(conv(x))
     weight, bias = folded_conv_params(conv, bn, x.device.type)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def fold_cache_tensors(module: nn.Module) -> list[Tensor]:
+    """Every tensor the folding cache holds below `module` (a CUDA graph that reads them keeps them
+    alive: a cache slot made anew would free the memory the graph reads)."""
+    out: list[Tensor] = []
+    for m in module.modules():
+        for _key, value in m.__dict__.get(_STORE, {}).values():
+            out.extend(value)
+    return out
 
 
 def clear_fold_cache_(module: nn.Module) -> None:
@@ -139,4 +151,4 @@ def clear_fold_cache_(module: nn.Module) -> None:
         m.__dict__.pop(_STORE, None)
 
 
-__all__ = ["clear_fold_cache_", "conv_bn", "folded_conv_params"]
+__all__ = ["clear_fold_cache_", "conv_bn", "fold_cache_tensors", "folded_conv_params"]

@@ -148,12 +148,15 @@ class RPNHead(nn.Module):
         image_sizes: Tensor,
         pad_shapes: Tensor,
         targets: list[dict[str, Tensor]] | None = None,
+        *,
+        head_out: tuple[list[Tensor], list[Tensor]] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """`image_sizes`, `pad_shapes`: `Tensor[N, 2]` (h, w) of each resized image and of it padded
-        to the size divisor."""
+        to the size divisor. `head_out`: `self.head(feats)` when the caller ran it already (the
+        detector's `dense` part, replayed from a CUDA graph in inference)."""
         if len(feats) != len(self.anchor_generator.strides):
             raise ConfigError(f"rpn.anchor_strides: {len(self.anchor_generator.strides)} strides for {len(feats)} feature levels")
-        logits, deltas = self.head(feats)
+        logits, deltas = self.head(feats) if head_out is None else head_out
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
         anchors = self.anchor_generator.grid_anchors(sizes, feats[0].device)
         losses: dict[str, Tensor] = {}
@@ -197,18 +200,19 @@ class RPNHead(nn.Module):
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
         usable = (wh > cfg.min_bbox_size).all(dim=1)  # mmdet drops the others before NMS
+        # Boxes mmdet drops before NMS are scored -inf rather than selected out (a nonzero, a host
+        # sync on CUDA): the lowest of their group, they suppress nothing that is kept, and the
+        # top-k below drops them.
+        nms_scores = scores.masked_fill(~usable, float("-inf"))
         if self.grouped_nms:
             sizes = [s.shape[1] for s in top_scores]
-            keep = grouped_nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), n, sizes, cfg.nms_iou)
+            keep = grouped_nms_per_level(boxes, nms_scores, n, sizes, cfg.nms_iou)
         elif self.nms_per_level or (boxes.is_cuda and boxes.numel() > TORCHVISION_ONE_CALL_NUMEL_CUDA):
             sizes = [s.shape[1] for s in top_scores]
-            keep = nms_per_level(boxes, scores.masked_fill(~usable, float("-inf")), image_ids, n, sizes, cfg.nms_iou)
+            keep = nms_per_level(boxes, nms_scores, image_ids, n, sizes, cfg.nms_iou)
         else:
             groups = image_ids * len(anchors) + torch.cat(levels).repeat(n)
-            # Boxes mmdet drops before NMS are scored -inf rather than selected out (a nonzero, a host
-            # sync on CUDA): the lowest of their group, they suppress nothing that is kept, and the
-            # top-k below drops them.
-            keep = batched_nms(boxes, scores.masked_fill(~usable, float("-inf")), groups, cfg.nms_iou)
+            keep = batched_nms(boxes, nms_scores, groups, cfg.nms_iou)
         keep = topk_per_image(keep, image_ids, n, cfg.max_per_img, usable)
         return torch.cat([image_ids[keep, None].to(boxes.dtype), boxes[keep]], dim=1)
 
