@@ -189,6 +189,7 @@ ABLATION: dict[str, Callable[[FasterRCNN, bool], None]] = {
     "cudnn_benchmark": lambda _model, on: setattr(torch.backends.cudnn, "benchmark", on),
     "rpn_nms_per_level": lambda model, on: setattr(model.rpn_head, "nms_per_level", on),
     "rpn_grouped_nms": lambda model, on: setattr(model.rpn_head, "grouped_nms", on),
+    "cuda_graphs": lambda model, on: setattr(model, "cuda_graphs", on),  # inference only
 }
 
 
@@ -197,15 +198,19 @@ def ablation_rows(ours: FasterRCNN, calls: dict[str, Callable[[], None]], settin
     median seconds per call of each case in `calls`. Sequential blocks (a switch such as converting
     the weights to NHWC cannot go inside a timed call); the GPU is quiet enough for that."""
     defaults = {"fold_bn": True, "channels_last": False, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                "rpn_nms_per_level": ours.rpn_head.nms_per_level, "rpn_grouped_nms": ours.rpn_head.grouped_nms}
-    rows = []
+                "rpn_nms_per_level": ours.rpn_head.nms_per_level, "rpn_grouped_nms": ours.rpn_head.grouped_nms,
+                "cuda_graphs": ours.cuda_graphs}  # fmt: skip
+    rows: list[dict[str, Any]] = []
     for name, switch in ABLATION.items():
+        label = f"{'+' if not defaults[name] else '-'}{name}"
         switch(ours, not defaults[name])
         try:
             times = time_rounds(calls, rounds=settings.pairs, warmup=settings.warmup)
+        except Exception as exc:  # noqa: BLE001 - a candidate failing on this device costs only its row
+            rows.append({"variant": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
         finally:
             switch(ours, defaults[name])
-        label = f"{'+' if not defaults[name] else '-'}{name}"
         rows.append({"variant": label, **{case: round(statistics.median(ts), 5) for case, ts in times.items()}})
     return rows
 

@@ -78,6 +78,8 @@ def render_gpu_block(doc: dict[str, Any]) -> str:
             rows = [{"variant": "defaults", **ms}, *rows]
             for r in rows:
                 cells = " | ".join(_num(None if r.get(c) is None else r[c] * 1000, ".1f") for c in ("infer1", "train2"))
+                if "error" in r:  # the candidate failed on this device: say how, in place of its times
+                    cells = f"failed: {r['error'].replace('|', '/')} | "
                 lines.append(f"| {precision} | {r['variant']} | {cells} |")
     lines.append(END_GPU)
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from detector.config import DetectorConfig
 from detector.errors import ConfigError
 from detector.model.backbones import build_backbone, set_fold_bn_
+from detector.model.graphs import GraphCache
 from detector.model.necks import build_neck
 from detector.model.roi_heads import StandardRoIHead
 from detector.model.rpn import RPNHead
@@ -33,6 +34,7 @@ class FasterRCNN(nn.Module):
 
     pixel_mean: Tensor
     pixel_std: Tensor
+    _graphs: GraphCache | None
 
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
@@ -57,6 +59,7 @@ class FasterRCNN(nn.Module):
         self.cuda_channels_last = False
         # Frozen-statistics BN folded into its conv (`fold.conv_bn`): same math, one pass less.
         set_fold_bn_(self, True)
+        self.cuda_graphs = False
 
     def forward(
         self,
@@ -67,14 +70,33 @@ class FasterRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("FasterRCNN.forward: targets are required in training mode")
         batch, image_sizes, pad_shapes = self.preprocess(images)
-        feats = self.backbone(batch)
-        if self.neck is not None:
-            feats = self.neck(feats)
-        rois, rpn_losses = self.rpn_head(feats, image_sizes, pad_shapes, targets if self.training else None)
+        # In inference with `cuda_graphs` on, `dense` is replayed from a CUDA graph (`graphs.py`).
+        dense = self.dense if self._graphs is None or self.training else self._graphs
+        feats, rpn_out = dense(batch)
+        rois, rpn_losses = self.rpn_head(feats, image_sizes, pad_shapes, targets if self.training else None, head_out=rpn_out)
         if targets is not None and self.training:
             max_rois = self.rpn_head.cfg.train.max_per_img  # the RPN keeps at most this many per image
             return {**rpn_losses, **self.roi_head.loss(feats, rois, targets, max_rois_per_image=max_rois)}
         return self.roi_head.predict(feats, rois, image_sizes, self.scale_factors(image_sizes, original_sizes))
+
+    def dense(self, batch: Tensor) -> tuple[list[Tensor], tuple[list[Tensor], list[Tensor]]]:
+        """Backbone, neck and the RPN's convs: the part of the network whose shapes are the batch's.
+        Returns the feature maps and the RPN's per-level (logits, deltas)."""
+        feats = self.backbone(batch)
+        if self.neck is not None:
+            feats = self.neck(feats)
+        return feats, self.rpn_head.head(feats)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Inference replays `dense` from CUDA graphs (`detector.model.graphs`); a candidate fast path,
+        off until measured on a GPU (`python -m detector.bench.gpu --ablation`)."""
+        return self._graphs is not None
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        # In __dict__, not a submodule: the cache holds CUDA graphs and refers back to the model.
+        self.__dict__["_graphs"] = GraphCache(self.dense, self) if on else None
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Normalise (RGB -> BGR first for caffe weights), zero-pad bottom/right to a common size

@@ -103,6 +103,31 @@ def test_block_renders_cuda_columns_and_the_ablation() -> None:
     assert "| amp | defaults | - | 50.0 |" in text and "| amp | +channels_last | - | 40.0 |" in text and "**NOT met**" in text
 
 
+def test_a_failing_candidate_costs_only_its_row() -> None:
+    """A fast path that fails on the device (a CUDA graph capture, say) is recorded with its error;
+    the other candidates are still timed and every switch is back at its default afterwards."""
+    from detector.config import DetectorConfig
+    from detector.model.faster_rcnn import build_detector
+
+    ours = build_detector(DetectorConfig())
+
+    def infer() -> None:
+        if ours.cuda_graphs:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    rows = gpu.ablation_rows(ours, {"infer1": infer}, gpu.GpuBenchSettings(device="cpu", pairs=1, warmup=0))
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["+cuda_graphs"] == {"variant": "+cuda_graphs", "error": "RuntimeError: operation not permitted when stream is capturing"}
+    assert all("infer1" in r for v, r in by_variant.items() if v != "+cuda_graphs") and len(rows) == len(gpu.ABLATION)
+    assert not ours.cuda_graphs and ours.backbone.conv1.weight.is_contiguous()
+    doc = {"machine": {"gpu": "NVIDIA H200", "cpu": "x", "torch": "2.11.0", "torchvision": "0.26.0", "python": "3.12"},
+           "settings": {"size": [800, 1333], "pairs": 1, "warmup": 0, "fp32": "tf32", "amp": "fp16"},
+           "results": {"infer1/fp32": {"images": 1, "ours_median_s": 0.01, "theirs_median_s": 0.01, "ratio": 1.0,
+                                       "ours_peak_gib": 1.0, "theirs_peak_gib": 1.0, "ours_syncs": 3, "theirs_syncs": 3}},
+           "goals": [], "ablation": {"fp32": rows}}  # fmt: skip
+    assert "| fp32 | +cuda_graphs | failed: RuntimeError: operation not permitted when stream is capturing |  |" in render_gpu_block(doc)
+
+
 @pytest.mark.slow
 def test_cuda_channels_last_switch_keeps_the_outputs() -> None:
     """The NHWC candidate converts the weights; on CPU (where the flag itself does not apply) the
