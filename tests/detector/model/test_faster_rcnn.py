@@ -185,7 +185,10 @@ def test_every_cell_trains_and_predicts_at_tiny_size(axes: dict[str, str]) -> No
     torch.manual_seed(0)
     cfg = resolve(axes)
     # Random init scores sit near 1/(C+1) < 0.05: drop the threshold so eval exercises NMS too.
-    model = build_detector(replace(cfg, roi_head=replace(cfg.roi_head, score_thr=0.0)))
+    # 64 proposals and 64 samples per image: every stage runs, and C4's res5 head over all of an
+    # image's anchors (its default here) cost a minute of CPU.
+    rpn = replace(cfg.rpn, train=replace(cfg.rpn.train, max_per_img=64), test=replace(cfg.rpn.test, max_per_img=64))
+    model = build_detector(replace(cfg, rpn=rpn, roi_head=replace(cfg.roi_head, score_thr=0.0, num_samples=64)))
     losses = model(_images(), _targets(cfg.num_classes))
     assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
