@@ -144,15 +144,37 @@ def test_fast_and_plain_features_and_detections_agree(models: tuple[FasterRCNN, 
         assert best_iou.min() > 0.999
 
 
-def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[FasterRCNN, FasterRCNN]) -> None:
-    fast, plain = models
+# Each CPU fast path switched on alone in the plain model, and all of them (the detector's default),
+# with the largest gradient difference allowed, relative to the gradient's scale. Folding changes the
+# summation order of one multiply (~1e-5 measured); the threaded RoIAlign computes the same numbers;
+# oneDNN's NHWC convolutions sum in another order throughout, and through ~50 layers and the RoI
+# head's ReLUs a gradient moves by up to ~8e-3 of its scale (measured: 7.5e-3 in the RoI head's first
+# FC, 1.6e-3 in L2, when this test runs alone; the 1e-3 bound it had passed only after the inference
+# test in the same process, which pytest-xdist does not promise).
+FAST_PATHS = {"fold_bn": 1e-4, "roi_threads": 0.0, "channels_last": 2e-2, "all": 2e-2}
+
+
+def _switched(plain: FasterRCNN, fast_path: str) -> FasterRCNN:
+    model = copy.deepcopy(plain)
+    if fast_path in ("fold_bn", "all"):
+        set_fold_bn_(model, True)
+    if fast_path in ("roi_threads", "all"):
+        model.roi_head.bbox_roi_extractor.cpu_threads = True
+    if fast_path in ("channels_last", "all"):
+        model.cpu_channels_last = True
+    return model
+
+
+@pytest.mark.parametrize("fast_path", list(FAST_PATHS))
+def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[FasterRCNN, FasterRCNN], fast_path: str) -> None:
+    _, plain = models
     images = _images(2)
     targets = [
         {"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [40.0, 30.0, 120.0, 90.0]]), "labels": torch.tensor([0, 5])},
         {"boxes": torch.tensor([[5.0, 50.0, 60.0, 120.0]]), "labels": torch.tensor([2])},
     ]
     losses, grads = [], []
-    for model in (fast, plain):
+    for model in (_switched(plain, fast_path), plain):
         model.train()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(3)  # the same anchor / RoI samples
@@ -164,7 +186,10 @@ def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[Faster
         torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-4, atol=1e-5)
     assert grads[0].keys() == grads[1].keys() and "backbone.layer2.0.bn1.weight" in grads[0]
     for name, g in grads[0].items():
-        _assert_close_to_scale(g, grads[1][name], name=name)
+        if FAST_PATHS[fast_path] == 0.0:
+            assert torch.equal(g, grads[1][name]), name
+        else:
+            _assert_close_to_scale(g, grads[1][name], rel=FAST_PATHS[fast_path], name=name)
 
 
 @pytest.mark.parametrize(("num_images", "channels_last"), [(1, False), (3, False), (2, True)])
