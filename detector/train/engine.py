@@ -294,16 +294,21 @@ def train(
             loss = sum(losses.values())
             keys = sorted(losses)
             # The stop request rides along with the loss reduction: no extra collective, and every
-            # rank sees the same decision at the same iteration.
+            # rank sees the same decision at the same iteration. A fill, not `torch.tensor(...,
+            # device=)`: a copy from pageable host memory waits for the GPU.
             asked = STOP.requested or (stop_path is not None and stop_path.exists())
-            stop_flag = torch.tensor(float(asked), device=loss.device)
-            reduced = all_reduce(torch.stack([*(losses[k].detach().float() for k in keys), stop_flag])).tolist()
+            stop_flag = torch.full((), float(asked), device=loss.device)
+            logged = torch.stack([*(losses[k].detach().float() for k in keys), stop_flag])
+            # The step is launched before the values are read: reading them waits for the GPU, and
+            # read between forward and backward it left the GPU idle while the backward was launched.
+            # A non-finite loss still ends the run at this iteration, before any checkpoint of it.
+            _backward_step(loss, optimizer, scaler, grad_clip)
+            reduced = all_reduce(logged).tolist()
             stop = reduced.pop() > 0
             terms = dict(zip(keys, reduced))
             terms["loss"] = float(sum(reduced))
             if not all(math.isfinite(v) for v in terms.values()):
                 raise NonFiniteLoss(it + 1, terms)
-            _backward_step(loss, optimizer, scaler, grad_clip)
 
             it, in_epoch = it + 1, in_epoch + 1
             if in_epoch == n_batches:

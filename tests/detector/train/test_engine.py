@@ -70,6 +70,24 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path: Pat
         assert torch.equal(a, b), name
 
 
+def test_an_iteration_reads_its_losses_once_after_launching_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a read of device values waits for the queue to drain: an iteration reads its loss
+    terms once, after the backward and the optimiser step are launched (read between forward and
+    backward, the GPU idled while the backward was launched), and makes no blocking copy to the
+    device (`torch.tensor(..., device=)`)."""
+    from detector.bench.syncs import count_syncs
+
+    events: list[str] = []
+    step, tolist = engine._backward_step, torch.Tensor.tolist
+    monkeypatch.setattr(engine, "_backward_step", lambda *a, **k: (events.append("step"), step(*a, **k))[1])
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (events.append("read"), tolist(self))[1])
+    _run(None, max_iters=3, checkpoint_interval=None)
+    assert events == ["step", "read"] * 3
+    monkeypatch.undo()
+    syncs, by_kind = count_syncs(lambda: _run(None, max_iters=3, checkpoint_interval=None))
+    assert by_kind.get("Tensor.tolist") == 3 and "torch.tensor(device=)" not in by_kind, by_kind
+
+
 def test_non_finite_loss_stops_with_iteration_and_terms(tmp_path: Path) -> None:
     with pytest.raises(engine.NonFiniteLoss) as info:
         _run(tmp_path, max_iters=10, model=TinyDetector(nan_at_call=3))
