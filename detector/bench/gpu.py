@@ -184,7 +184,9 @@ def profile_call(call: Callable[[], None], device: torch.device, *, top: int = 6
 
 # name -> switch(model, on). Each keeps the outputs (equality tested on CPU: tests/detector/bench).
 ABLATION: dict[str, Callable[[FasterRCNN, bool], None]] = {
-    "fold_bn": set_fold_bn_,
+    "fold_bn": lambda model, on: set_fold_bn_(model, "auto" if on else "off"),
+    # also where a gradient flows (training's res3-res5), as on CPU
+    "fold_trained_bn": lambda model, on: set_fold_bn_(model, "all" if on else "auto"),
     "channels_last": set_cuda_channels_last_,
     "cudnn_benchmark": lambda _model, on: setattr(torch.backends.cudnn, "benchmark", on),
     "rpn_nms_per_level": lambda model, on: setattr(model.rpn_head, "nms_per_level", on),
@@ -197,7 +199,7 @@ def ablation_rows(ours: FasterRCNN, calls: dict[str, Callable[[], None]], settin
     """Ours with each candidate switched to the other state than its default, alone, then back:
     median seconds per call of each case in `calls`. Sequential blocks (a switch such as converting
     the weights to NHWC cannot go inside a timed call); the GPU is quiet enough for that."""
-    defaults = {"fold_bn": True, "channels_last": False, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    defaults = {"fold_bn": True, "fold_trained_bn": False, "channels_last": False, "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "rpn_nms_per_level": ours.rpn_head.nms_per_level, "rpn_grouped_nms": ours.rpn_head.grouped_nms,
                 "cuda_graphs": ours.cuda_graphs}  # fmt: skip
     rows: list[dict[str, Any]] = []

@@ -109,7 +109,7 @@ def set_fast_paths(model: FasterRCNN, *, channels_last: bool, fold_bn: bool, roi
     """The switches of ours: NHWC CPU batches (`FasterRCNN.cpu_channels_last`), frozen BN folded into
     its conv (`backbones.set_fold_bn_`), CPU RoIAlign over threads (`RoIPooler.cpu_threads`)."""
     model.cpu_channels_last = channels_last
-    set_fold_bn_(model, fold_bn)
+    set_fold_bn_(model, "auto" if fold_bn else "off")
     model.roi_head.bbox_roi_extractor.cpu_threads = roi_threads
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from detector.config import BackboneConfig
 from detector.errors import ConfigError
-from detector.model.fold import clear_fold_cache_, conv_bn
+from detector.model.fold import FOLD_MODES, FoldMode, clear_fold_cache_, conv_bn
 
 # Bottleneck blocks per stage (reference 1.5: depth 50 / 101).
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -63,8 +63,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         # `conv_bn` folding: off for a bare module (plain BN, bit-for-bit torchvision's ResNet math);
-        # the detector switches it on with `set_fold_bn_`.
-        self.fold_bn = False
+        # the detector sets its mode with `set_fold_bn_`.
+        self.fold_bn: FoldMode = "off"
 
     def forward(self, x: Tensor) -> Tensor:
         fold = self.fold_bn
@@ -139,14 +139,16 @@ def freeze_norm_affine_(module: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
-def set_fold_bn_(module: nn.Module, enabled: bool) -> None:
-    """Fold frozen-statistics BN into the preceding conv (`conv_bn`) everywhere in `module`, or not:
-    the unfolded path is kept to check that the folded one computes the same thing. Either way the
-    folded constants cached so far are forgotten (`fold.clear_fold_cache_`)."""
+def set_fold_bn_(module: nn.Module, mode: FoldMode) -> None:
+    """Where frozen-statistics BN is folded into the preceding conv (`fold.conv_bn`, `fold.FoldMode`)
+    everywhere in `module`; "off" keeps the plain path, to check that the folded one computes the
+    same thing. Either way the folded constants cached so far are forgotten (`fold.clear_fold_cache_`)."""
+    if mode not in FOLD_MODES:
+        raise ValueError(f"set_fold_bn_: mode {mode!r}; allowed: {', '.join(FOLD_MODES)}")
     clear_fold_cache_(module)
     for m in module.modules():
         if isinstance(m, (Bottleneck, ResNet)):  # the modules with a conv_bn
-            m.fold_bn = enabled
+            m.fold_bn = mode
 
 
 def set_norm_eval_(module: nn.Module) -> None:
@@ -199,7 +201,7 @@ class ResNet(nn.Module):
             self.res_layers.append(name)
             inplanes = planes * EXPANSION
         self.out_channels = [64 * 2**i * EXPANSION for i in cfg.out_indices]
-        self.fold_bn = False  # the stem's conv_bn; see Bottleneck
+        self.fold_bn: FoldMode = "off"  # the stem's conv_bn; see Bottleneck
         init_resnet_(self)
         if cfg.norm == "frozen":
             freeze_norm_affine_(self)

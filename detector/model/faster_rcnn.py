@@ -57,8 +57,9 @@ class FasterRCNN(nn.Module):
         # fp16 convs pay transposes), off until measured (`python -m detector.bench.gpu --ablation`);
         # it wants the conv weights channels-last too: `set_cuda_channels_last_`.
         self.cuda_channels_last = False
-        # Frozen-statistics BN folded into its conv (`fold.conv_bn`): same math, one pass less.
-        set_fold_bn_(self, True)
+        # Frozen-statistics BN folded into its conv (`fold.conv_bn`): same math, one pass less. "auto":
+        # every pair on CPU; elsewhere only where no gradient flows (a GPU step is bound by launches).
+        set_fold_bn_(self, "auto")
         self.cuda_graphs = False
 
     def forward(

@@ -20,18 +20,30 @@ dtype and version (PyTorch bumps a tensor's version at each in-place write: opti
 the cache returns bit for bit what folding again computes (`tests/detector/model/test_fold.py`).
 A write through `.data` bypasses the version counter (PyTorch's rule for `.data`): call
 `clear_fold_cache_(model)` after one.
+
+Where a gradient flows into the pair (training's res3-res5 with trainable weights and BN affine),
+folding costs more operators than it saves: the fold itself in the forward (scale, bias, weight
+times scale) and their backward, ~8 small operators a conv, against BN's one in each direction.
+On CPU that is cheaper than BN's passes over the activation (a 2-image training step at 800x1333:
+14.6 s folded, 14.9 s not, 2 cores); on a GPU, where a 2-image step is bound by launches
+(`../shared/GPU.md`), it is a fifth of a step's kernels (800x1333, 2 images: 1,521 folding every
+pair, 1,185 folding only where no gradient flows; under AMP 1,772 / 1,352; torchvision's: 1,433). Hence the modes (`FoldMode`): "all" folds every pair, "frozen"
+only those no gradient flows through, "auto" (the detector's) is "all" on CPU and "frozen" on other
+devices, "off" never folds (the plain path, which parity checks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 _STORE = "_fold_cache"  # a plain attribute of the conv: not a buffer, not in state_dict
+FoldMode = Literal["off", "frozen", "auto", "all"]
+FOLD_MODES: tuple[FoldMode, ...] = ("off", "frozen", "auto", "all")
 
 
 def _identity(*tensors: Tensor | None) -> tuple[Any, ...] | None:
@@ -124,15 +136,22 @@ def folded_conv_params(conv: nn.Conv2d, bn: nn.BatchNorm2d, device_type: str) ->
     return cached("weight", key, folded)
 
 
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, *, fold: bool = True) -> Tensor:
-    """`bn(conv(x))`, computed as one convolution when the BN uses its running statistics (see the
-    module's docstring). A BN in training mode (batch statistics) is applied as is."""
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, *, fold: FoldMode = "all") -> Tensor:
+    """`bn(conv(x))`, computed as one convolution when the BN uses its running statistics and `fold`
+    says so (see the module's docstring). A BN in training mode (batch statistics) is applied as is."""
     # `_buffers` read directly: `bn.running_var` goes through nn.Module.__getattr__ (~2.5 us each).
     buffers = bn._buffers
-    if not fold or bn.training or buffers.get("running_var") is None or buffers.get("running_mean") is None:
+    if fold == "off" or bn.training or buffers.get("running_var") is None or buffers.get("running_mean") is None:
+        return bn(conv(x))
+    if (fold == "frozen" or (fold == "auto" and x.device.type != "cpu")) and torch.is_grad_enabled() and _pair_trains(conv, bn):
+        conv.__dict__.get(_STORE, {}).pop("weight", None)  # what an inference folded: not needed while it trains
         return bn(conv(x))
     weight, bias = folded_conv_params(conv, bn, x.device.type)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _pair_trains(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    return _trains(conv._parameters["weight"], conv._parameters.get("bias"), bn._parameters.get("weight"), bn._parameters.get("bias"))
 
 
 def fold_cache_tensors(module: nn.Module) -> list[Tensor]:
@@ -151,4 +170,4 @@ def clear_fold_cache_(module: nn.Module) -> None:
         m.__dict__.pop(_STORE, None)
 
 
-__all__ = ["clear_fold_cache_", "conv_bn", "fold_cache_tensors", "folded_conv_params"]
+__all__ = ["FOLD_MODES", "FoldMode", "clear_fold_cache_", "conv_bn", "fold_cache_tensors", "folded_conv_params"]

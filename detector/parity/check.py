@@ -140,7 +140,7 @@ def _stages(name: str, cfg: DetectorConfig, mcfg: Any, images: list[Image], *, s
     mmdet_side.calibrate_norms(theirs, packed)
     ours = build_detector(cfg)
     if plain:
-        set_fold_bn_(ours, False)
+        set_fold_bn_(ours, "off")
         ours.cpu_channels_last = False
     stages: list[StageResult] = []
     with tempfile.TemporaryDirectory() as tmp:

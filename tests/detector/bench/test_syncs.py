@@ -43,12 +43,12 @@ def test_a_frozen_backbone_launches_one_kernel_per_conv_once_folded() -> None:
     from detector.model.backbones import build_backbone, set_fold_bn_
 
     backbone = build_backbone(DetectorConfig().backbone).eval()
-    set_fold_bn_(backbone, True)
+    set_fold_bn_(backbone, "all")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         backbone(x)
         folded = count_operators(lambda: backbone(x))
-        set_fold_bn_(backbone, False)
+        set_fold_bn_(backbone, "off")
         plain = count_operators(lambda: backbone(x))
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in backbone.modules())
     assert plain["kernels"] - folded["kernels"] == convs, (plain, folded, convs)  # one BN kernel per conv less

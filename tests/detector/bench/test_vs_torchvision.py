@@ -123,7 +123,7 @@ def test_ablation_adds_one_fast_path_per_variant_and_restores_them(pair: tuple[t
     seen: list[tuple[bool, bool, bool]] = []
 
     def ours_call() -> None:
-        fold = all(m.fold_bn for m in ours.modules() if hasattr(m, "fold_bn"))
+        fold = all(m.fold_bn == "auto" for m in ours.modules() if hasattr(m, "fold_bn"))
         seen.append((ours.cpu_channels_last, fold, ours.roi_head.bbox_roi_extractor.cpu_threads))
 
     rows = bench.ablation(ours, ours_call, lambda: None, rounds=1, warmup=0)
