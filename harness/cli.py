@@ -157,10 +157,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.execute.plan import runs_dir_of
     from harness.matrix.parse import load_matrix
     from harness.publish.page import write_report
+    from harness.results.collect import require_runs
     from harness.results.tables import gather
 
     matrix = load_matrix(args.matrix)
-    matrix.profile(args.profile)
+    require_runs(matrix, args.profile, runs_dir_of(args))
     print(write_report(gather(matrix, args.profile, runs_dir_of(args)), _out_dir(args)))
     return OK
 
@@ -177,6 +178,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.execute.plan import runs_dir_of
     from harness.matrix.parse import load_matrix
+    from harness.results.collect import require_runs
     from harness.results.compare import (
         compare,
         comparison_exit_code,
@@ -185,7 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
 
     matrix = load_matrix(args.matrix)
-    matrix.profile(args.profile)
+    require_runs(matrix, args.profile, runs_dir_of(args))
     df = compare(matrix, args.profile, runs_dir_of(args))
     if args.format == "json":
         print(json.dumps(comparison_records(df), indent=2))
@@ -197,11 +199,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from harness.execute.plan import runs_dir_of
     from harness.matrix.parse import load_matrix
-    from harness.results.estimate import estimate, format_estimate
+    from harness.results.collect import require_runs
+    from harness.results.estimate import estimate, format_estimate, require_estimate
 
     matrix = load_matrix(args.matrix)
-    matrix.profile(args.profile)
+    require_runs(matrix, args.profile, runs_dir_of(args))
     df = estimate(matrix, args.profile, runs_dir_of(args), gpus=args.gpus)
+    require_estimate(df, args.profile)
     if args.format == "json":
         print(json.dumps(_jsonable(df.astype(object).where(df.notna(), None).to_dict(orient="records")), indent=2))
     else:

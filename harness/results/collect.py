@@ -17,7 +17,7 @@ import pandas as pd
 
 from detector.api import Metrics
 from harness.errors import UserError
-from harness.execute.cells import cell_dir, iter_results
+from harness.execute.cells import cell_dir, iter_results, profile_dir
 from harness.matrix.spec import Cell, MatrixSpec
 from harness.metrics import METRICS, Measured, finite
 from harness.results.verdicts import Scope, judge, precedence, quirk_ids, scope_of
@@ -29,7 +29,7 @@ COLUMNS: tuple[str, ...] = (
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
     "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
     "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
-    "data_root", "image_scale", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
+    "data_root", "image_scale", "proposal_cap", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
     "cells_at_once", "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
     "pycocotools_version", "harness_version", "finished_at", "run_dir",
 )
@@ -39,6 +39,16 @@ RESULTS_CSV_COLUMNS: tuple[str, ...] = (
     "eval_split", "quirks", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
     "git_commit", "finished_at",
 )
+
+
+def require_runs(matrix: MatrixSpec, profile: str, runs_dir: Path) -> None:
+    """UserError unless `runs_dir` holds at least one run of (matrix, profile): a page, table or
+    estimate of nothing but "not run" rows is almost always a mistyped --runs-dir or --profile."""
+    matrix.profile(profile)
+    if next(iter_results(Path(runs_dir), matrix.name, profile), None) is None:
+        where = profile_dir(Path(runs_dir), matrix.name, profile)
+        raise UserError(f"--runs-dir {runs_dir}: no run of {matrix.name} / {profile} (no result.json under {where}); "
+                        f"run it first (`harness run {matrix.name} --profile {profile}`) or name the runs root that holds it")
 
 
 def collect(matrix: MatrixSpec, profile: str, runs_dir: Path) -> pd.DataFrame:
@@ -179,6 +189,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "cells_at_once": machine.get("cells_at_once"),
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
+        "proposal_cap": spec_run.get("proposal_cap"),
         # The harness's data notes (repairs, drops, the categories trained) are deviations of the run too.
         "deviations": rec.deviations + tuple(n for n in notes if n.startswith("data: ")),
         "notes": notes,
@@ -285,4 +296,4 @@ def _last_line(text: Any) -> str:
     return lines[-1][:200] if lines else "unknown error"
 
 
-__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "loss_trends", "results_csv_frame"]
+__all__ = ["COLUMNS", "RESULTS_CSV_COLUMNS", "collect", "load_loss_curves", "loss_trends", "require_runs", "results_csv_frame"]

@@ -64,6 +64,18 @@ def test_bad_input_is_one_line_and_exit_2(
     assert not any(tmp_path.iterdir())  # nothing was written before the error
 
 
+@pytest.mark.parametrize("command", ["report", "compare", "estimate"])
+def test_reading_a_runs_dir_with_no_run_of_the_profile_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    """A mistyped --runs-dir or --profile would otherwise give a page, table or estimate of 30
+    "not run" rows (and a page folder made under the typo)."""
+    typo = tmp_path / "rnus"
+    line = _error_line(capsys, [command, "faster_rcnn", "--profile", "smoke", "--runs-dir", str(typo)])
+    assert "no run of faster_rcnn / smoke" in line and str(typo) in line
+    assert not typo.exists()
+
+
 def test_malformed_yaml_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "broken.yaml"
     bad.write_text("title: x\naxes: [r50, {\n")
