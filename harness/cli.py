@@ -256,7 +256,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from detector.api import make_synthetic_coco
 
-        out = make_synthetic_coco(Path(args.out), images=args.images, seed=args.seed)
+        root = Path(args.out)
+        taken = [p for p in ("annotations/instances_train2017.json", "annotations/instances_val2017.json", "train2017", "val2017")
+                 if (root / p).exists()]  # fmt: skip
+        if taken:
+            raise UserError(f"--out {root}: already holds {taken[0]}; `data synth` never overwrites a file "
+                            "(give a new folder, or delete that one first)")
+        out = make_synthetic_coco(root, images=args.images, seed=args.seed)
         print(f"wrote a synthetic COCO root with {args.images} train images (seed {args.seed}) to {out}")
         return OK
     from detector.api import subset_annotations

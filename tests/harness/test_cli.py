@@ -76,6 +76,28 @@ def test_reading_a_runs_dir_with_no_run_of_the_profile_is_one_line(
     assert not typo.exists()
 
 
+@pytest.mark.parametrize("existing", ["annotations/instances_train2017.json", "val2017"])
+def test_data_synth_never_overwrites_a_root(capsys: pytest.CaptureFixture[str], tmp_path: Path, existing: str) -> None:
+    """`--out` pointed at a real COCO root must not replace its annotation file or mix images in."""
+    target = tmp_path / existing
+    if target.suffix:
+        target.parent.mkdir(parents=True)
+        target.write_text('{"mine": 1}')
+    else:
+        target.mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert existing in _error_line(capsys, ["data", "synth", "--out", str(tmp_path), "--images", "1"])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    if target.suffix:
+        assert target.read_text() == '{"mine": 1}'
+    # A folder holding other things is fine: nothing of the same name is there.
+    other = tmp_path / "new"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["data", "synth", "--out", str(other), "--images", "1"]) == 0
+    assert (other / "notes.txt").read_text() == "mine" and (other / "annotations" / "instances_train2017.json").is_file()
+
+
 def test_malformed_yaml_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "broken.yaml"
     bad.write_text("title: x\naxes: [r50, {\n")
