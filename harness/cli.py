@@ -230,14 +230,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"verify: the checkpoint verifier (detector.model.weights.verify) is not available: {exc}") from None
     from harness.execute.plan import check_coco_root, default_device
+    from harness.matrix.parse import load_matrix
+    from harness.results.verdicts import checkpoint_verdict
 
-    _cell, cfg = _resolved(args.matrix, args.cell)
+    matrix = load_matrix(args.matrix)
+    cell = matrix.cell(args.cell)
     root = check_coco_root(Path(args.data), "--data", need="eval")
     checkpoint = _existing(args.checkpoint, "--checkpoint")
     device = args.device or default_device()
-    result = verify(cfg, checkpoint=checkpoint, data_root=root, device=device, max_images=args.max_images)
+    result = verify(cell.config, checkpoint=checkpoint, data_root=root, device=device, max_images=args.max_images)
+    published = cell.published.box_ap
+    verdict, reasons = checkpoint_verdict(box_ap=result["box_ap"], images=result["images"], eval_split=result["eval_split"],
+                                          published=cell.published, tolerances=matrix.tolerances)
+    result.update(published_box_ap=published, delta_box_ap=None if published is None else round(result["box_ap"] - published, 1),
+                  verdict=verdict, verdict_reason="; ".join(reasons) or None)
     _print_mapping(_jsonable(result), args.format)
-    return OK
+    return 1 if verdict == "fail" else OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -164,4 +164,21 @@ def precedence(*, n_ok: int, n_failed: int) -> Verdict | None:
     return None
 
 
-__all__ = ["T95", "VERDICTS", "Scope", "combine", "interval95", "judge", "precedence", "quirk_ids", "scope_of", "t_critical"]
+# COCO val2017: the published box AP is over all of it.
+COCO_VAL_IMAGES = 5000
+
+
+def checkpoint_verdict(*, box_ap: float, images: int, eval_split: str, published: Published,
+                       tolerances: PublishedTolerances) -> tuple[Verdict, list[str]]:
+    """`harness verify`: a checkpoint's box AP against its published row, through `judge`. Only an
+    evaluation over all of COCO val2017 is the published experiment."""
+    scope = Scope(metrics=frozenset({"box_ap"}))
+    if images != COCO_VAL_IMAGES:
+        scope = Scope(metrics=frozenset(),
+                      reason=f"evaluated on {images:,} images; the published box AP is over the {COCO_VAL_IMAGES:,} of COCO val2017")
+    verdict, _per_metric, reasons = judge(scope=scope, measured={"box_ap": Measured(mean=box_ap, low=box_ap, high=box_ap)},
+                                          eval_split=eval_split, published=published, tolerances=tolerances)
+    return verdict, reasons
+
+
+__all__ = ["T95", "VERDICTS", "Scope", "COCO_VAL_IMAGES", "checkpoint_verdict", "combine", "interval95", "judge", "precedence", "quirk_ids", "scope_of", "t_critical"]

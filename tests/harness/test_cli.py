@@ -191,7 +191,7 @@ def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
 
     def fake_verify(cfg: object, **kw: object) -> dict[str, object]:
         calls.append((cfg.name, kw))
-        return {"bbox_mAP": 0.374, "box_ap": 37.4}
+        return {"bbox_mAP": 0.374, "box_ap": 37.4, "eval_split": "val2017", "images": 4}
 
     monkeypatch.setattr(api, "bench", fake_bench)
     monkeypatch.setattr(api, "verify", fake_verify)
@@ -203,6 +203,25 @@ def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
     assert "37.4" in capsys.readouterr().out
     assert calls[0] == (R50, {"device": "cpu", "images": 3})
     assert calls[1] == (R50, {"checkpoint": ckpt, "data_root": coco_root.resolve(), "device": "cpu", "max_images": 4})
+
+
+@pytest.mark.parametrize(("box_ap", "images", "code", "verdict"), [
+    (37.5, 5000, 0, "pass"), (37.1, 5000, 0, "warn"), (36.0, 5000, 1, "fail"), (36.0, 500, 0, "not comparable"),
+])  # fmt: skip
+def test_verify_judges_the_checkpoint_against_its_published_row(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, coco_root: Path, monkeypatch: pytest.MonkeyPatch,
+    box_ap: float, images: int, code: int, verdict: str,
+) -> None:
+    """R-50-FPN 1x publishes 37.4: the matrix's AP bands apply over all of val2017, exit 1 on a fail."""
+    from detector import api
+
+    monkeypatch.setattr(api, "verify", lambda cfg, **kw: {"box_ap": box_ap, "eval_split": "val2017", "images": images})
+    ckpt = tmp_path / "r50.pth"
+    ckpt.write_bytes(b"x")
+    assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(coco_root), "--format", "json"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out["published_box_ap"] == 37.4 and out["delta_box_ap"] == round(box_ap - 37.4, 1) and out["verdict"] == verdict
+    assert (out["verdict_reason"] is None) == (verdict == "pass")
 
 
 TINY = """\
