@@ -89,7 +89,8 @@ def run_parity(*, matrix: str, only: Sequence[str], data: Path | None, images: i
         # The cell's recorded recipe deviations: a difference the check finds may be one of them.
         row["notes"] = list(cell.recipe_notes)
         rows.append(row)
-        log(f"  {_verdict(row)}: " + (f"{_summary(row['with_deviations'])}; as shipped: " if _applied(row) else "") + _summary(row))
+        took = f" ({row['seconds']:.0f} s)" if isinstance(row.get("seconds"), (int, float)) else ""
+        log(f"  {_verdict(row)}{took}: " + (f"{_summary(row['with_deviations'])}; as shipped: " if _applied(row) else "") + _summary(row))
     import torch
     import torchvision
 

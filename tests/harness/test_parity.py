@@ -50,7 +50,7 @@ def test_without_mmdetection_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch
 def _row(cell: str, ok: bool) -> dict[str, Any]:
     stages = [{"stage": s, "worst": 0.0, "ok": True, "detail": ""} for s in ("state_dict", "params", "backbone")]
     stages.append({"stage": "losses", "worst": 0.0 if ok else 0.02, "ok": ok, "detail": "worst: loss_cls 2 vs 1.96"})
-    return {"cell": cell, "config": f"faster_rcnn/{cell}.py", "status": "checked", "stages": stages, "ok": ok}
+    return {"cell": cell, "config": f"faster_rcnn/{cell}.py", "status": "checked", "stages": stages, "ok": ok, "seconds": 12.3}
 
 
 def test_run_writes_json_and_page_and_fails_on_a_differing_cell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -66,9 +66,11 @@ def test_run_writes_json_and_page_and_fails_on_a_differing_cell(monkeypatch: pyt
 
     monkeypatch.setattr(api, "parity_check", fake_check, raising=False)
     monkeypatch.setattr(api, "parity_versions", lambda: {"mmdet": "3.3.0", "mmengine": "0.10.7", "mmcv": "2.1.0"}, raising=False)
+    lines: list[str] = []
     code = run_parity(matrix="faster_rcnn", only=["faster-rcnn_r50_fpn_*iou*"], data=coco_root, images=2, seed=3,
-                      out_dir=tmp_path, log=lambda _line: None)
+                      out_dir=tmp_path, log=lines.append)
     assert code == 1 and len(seen) == 3
+    assert "  pass (12 s): worst 0 at state_dict" in lines and "  FAIL (12 s): losses: worst: loss_cls 2 vs 1.96 (worst 0.02)" in lines
     doc = json.loads((tmp_path / PARITY_JSON).read_text())
     assert [r["cell"] for r in doc["cells"]] == seen and doc["mmdetection"]["mmdet"] == "3.3.0"
     page = (tmp_path / PARITY_MD).read_text()
