@@ -78,6 +78,17 @@ if [ "$PART" = all ] || [ "$PART" = matrix ]; then
   fi
   left=$((MATRIX_BUDGET_S - (SECONDS - tm)))
   [ "$left" -gt 30 ] && step "$left" "$OUT/run.log" python3 -m harness run faster_rcnn --profile hardware --device cuda --runs-dir "$RUNS"
+  # Where a hardware cell's wall time goes (metrics.json phase_s: start-up, build, data, train, eval, fps;
+  # the 2026-11-28 cells took ~25 s of wall for ~2.5 s of training): what to cut to fit the table in one call.
+  python3 - "$RUNS/faster_rcnn/hardware" > "$OUT/phases.txt" 2>&1 <<'PY'
+import json, pathlib, sys
+rows = [(p.parent.name, json.loads(p.read_text()).get("phase_s") or {}) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/metrics.json"))]
+keys = sorted({k for _, ph in rows for k in ph})
+print("cell".ljust(50), *(k.rjust(8) for k in keys))
+for name, ph in rows:
+    print(name[:50].ljust(50), *(f"{ph.get(k, 0):8.2f}" for k in keys))
+print("total".ljust(50), *(f"{sum(ph.get(k, 0) for _, ph in rows):8.1f}" for k in keys))
+PY
   tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude='_data' --exclude='.lock' --exclude='_report' .
   tail -3 "$OUT/run_missing.log" "$OUT/run.log" 2>/dev/null
 fi
