@@ -186,7 +186,7 @@ class Stopped(Exception):
 
 
 # A file in the cell folder that asks a running cell to checkpoint and stop: how submitit's
-# preemption hook (harness.execute.executors.SubmititCell.checkpoint) reaches every rank of every
+# preemption hook (harness.execute.slurm.SubmititCell.checkpoint) reaches every rank of every
 # node, whatever the process tree (torchrun agents, DataLoader workers) between them.
 STOP_FILE = "STOP"
 

@@ -31,8 +31,9 @@ from detector.api import (
 )
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, check_name, profile_dir
-from harness.execute.executors import make_executor, resolve_jobs, thread_env
+from harness.execute.executors import make_executor
 from harness.execute.provenance import base_provenance
+from harness.execute.resources import resolve_jobs, thread_env
 from harness.execute.runner import CellJob, RunSummary, run_jobs
 from harness.matrix.spec import Cell, MatrixSpec, Profile
 

@@ -140,7 +140,7 @@ class Profile:
     # torchvision's R-50-FPN peak memory on the same image size, measured in the R-50-FPN cells'
     # processes on CUDA (the hardware page's "Framework" line).
     framework_memory: bool = False
-    # Cells in flight at once when `--jobs` is not given: an integer, or "auto" (`execute.executors.resolve_jobs`:
+    # Cells in flight at once when `--jobs` is not given: an integer, or "auto" (`execute.resources.resolve_jobs`:
     # one cell per CPU core on the local executor; 1 on CUDA, where cells would share the GPU they time).
     jobs: int | str = 1
     cells: tuple[str, ...]  # globs restricting the cells of this profile; () = all

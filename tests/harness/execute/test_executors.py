@@ -8,28 +8,16 @@ from pathlib import Path
 import pytest
 
 from harness.errors import UserError
-from harness.execute import executors
 from harness.execute.executors import (
     RDZV_ENDPOINT,
     CellCommand,
     LocalExecutor,
-    SubmititCell,
-    SubmititExecutor,
     cell_argv,
     make_executor,
-    resolve_jobs,
     run_pool,
-    thread_env,
-    usable_cores,
 )
-
-
-def _wait(handle, timeout: float = 60.0) -> int:  # type: ignore[no-untyped-def]
-    t0 = time.monotonic()
-    while (code := handle.poll()) is None:
-        assert time.monotonic() - t0 < timeout, "cell process did not finish"
-        time.sleep(0.05)
-    return int(code)
+from harness.execute.slurm import SubmititExecutor
+from tests.resources.processes import wait_handle as _wait
 
 
 def _alive(pid: int) -> bool:
@@ -91,48 +79,6 @@ def test_local_nodes_share_an_endpoint_and_a_failing_node_stops_the_others(tmp_p
     assert _wait(handle) == 3 and time.monotonic() - t0 < 30
     pids = [int(p.name[3:]) for p in tmp_path.glob("pid*")]
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
-
-
-def test_thread_env_splits_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(executors, "usable_cores", lambda: 16)
-    assert thread_env(jobs=1, nproc_per_cell=1) == {}
-    assert thread_env(jobs=2, nproc_per_cell=2) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
-    assert thread_env(jobs=32, nproc_per_cell=1)["OMP_NUM_THREADS"] == "1"
-    assert thread_env(jobs=1, nproc_per_cell=2, nodes_here=2)["OMP_NUM_THREADS"] == "4"  # local --nnodes 2
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert thread_env(jobs=2, nproc_per_cell=1) == {}
-
-
-def test_usable_cores_follow_a_cgroup_cpu_quota(tmp_path: Path) -> None:
-    affinity = len(os.sched_getaffinity(0))
-    assert usable_cores(tmp_path) == affinity  # no cgroup files: the affinity mask
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert usable_cores(tmp_path) == affinity  # no quota
-    (tmp_path / "cpu.max").write_text("50000 100000\n")
-    assert usable_cores(tmp_path) == 1  # half a core still runs one thread
-    (tmp_path / "cpu.max").write_text(f"{100000 * (affinity + 8)} 100000\n")
-    assert usable_cores(tmp_path) == affinity  # a quota above the mask does not add cores
-    (tmp_path / "cpu.max").unlink()
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1, one core
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert usable_cores(tmp_path) == 1
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert usable_cores(tmp_path) == affinity
-
-
-def test_resolve_jobs_auto_is_one_cell_per_core_on_local_cpu_only() -> None:
-    auto = {"device": "cpu", "executor": "local", "nproc_per_cell": 1, "cells": 30, "cores": 2, "available_gib": 20.0}
-    assert resolve_jobs("auto", **auto) == 2
-    assert resolve_jobs("auto", **{**auto, "cores": 16}) == 6  # 20 GiB / 3 GiB per cell
-    assert resolve_jobs("auto", **{**auto, "cores": 16, "available_gib": 100.0}) == 16
-    assert resolve_jobs("auto", **{**auto, "cores": 16, "nproc_per_cell": 4, "available_gib": 100.0}) == 4
-    assert resolve_jobs("auto", **{**auto, "cells": 1}) == 1
-    assert resolve_jobs("auto", **{**auto, "available_gib": 1.0}) == 1
-    assert resolve_jobs("auto", **{**auto, "device": "cuda"}) == 1  # cells would share the GPU they time
-    assert resolve_jobs("auto", **{**auto, "executor": "submitit"}) == 1
-    assert resolve_jobs(3, **{**auto, "device": "cuda"}) == 3  # a number is what it says
 
 
 def test_local_executor_runs_without_shell_and_captures_output(tmp_path: Path) -> None:
@@ -238,59 +184,3 @@ def test_make_executor_names() -> None:
     assert make_executor("submitit", folder=Path("x"), nproc_per_cell=2, device="cpu").gpus_per_node == 0  # type: ignore[attr-defined]
     with pytest.raises(UserError, match="allowed: local, submitit"):
         make_executor("ray", folder=Path("."))
-
-
-def test_submitit_local_executor_runs_cells_for_real(tmp_path: Path) -> None:
-    pytest.importorskip("submitit")
-    executor = SubmititExecutor(folder=tmp_path / "_submitit", cluster="local", timeout_min=5)
-    ok = CellCommand(cell_dir=tmp_path / "ok", argv=(sys.executable, "-c", "import os; print('in job', os.environ['H3'])"), env={"H3": "yes"})
-    bad = CellCommand(cell_dir=tmp_path / "bad", argv=(sys.executable, "-c", "raise SystemExit(5)"))
-    handles = [executor.submit(ok), executor.submit(bad)]
-    assert [_wait(h, timeout=120) for h in handles] == [0, 5]
-    assert "in job yes" in (tmp_path / "ok" / "stdout.txt").read_text()
-    # submitit kept its own job logs under the folder we gave it.
-    assert any((tmp_path / "_submitit").iterdir())
-
-
-def test_submitit_task_runs_its_nodes_agent_against_the_first_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Under Slurm a multi-node cell is one job with one task per node; each task runs that node's
-    # torchrun agent, all pointed at the job's first node (submitit.JobEnvironment says which).
-    submitit = pytest.importorskip("submitit")
-
-    class Env:
-        job_id, node, hostnames = "4242", 1, ["gpu-a", "gpu-b"]
-
-    monkeypatch.setattr(submitit, "JobEnvironment", Env)
-    argv = (sys.executable, "-c", "import sys; print(sys.argv[1])", RDZV_ENDPOINT)
-    assert SubmititCell(CellCommand(cell_dir=tmp_path, argv=argv, nnodes=2))() == 0
-    printed = (tmp_path / "stdout.node1.txt").read_text().strip()
-    host, port = printed.split(":")
-    assert host == "gpu-a" and 29400 <= int(port) < 49400 and not (tmp_path / "stdout.txt").exists()
-
-
-def test_submitit_checkpoint_asks_the_cell_to_stop_then_resubmits_the_same_command(tmp_path: Path) -> None:
-    # submitit's preemption protocol without Slurm: checkpoint() is called while __call__ waits on the
-    # cell; the cell sees the stop file, "saves" and exits 75; what comes back resubmits the same command.
-    submitit = pytest.importorskip("submitit")
-    import pickle
-    import threading
-
-    code = ("import os, sys, time\n"
-            "d = sys.argv[1]\n"
-            "open(os.path.join(d, 'ready'), 'w').close()\n"
-            "while not os.path.exists(os.path.join(d, 'STOP')):\n    time.sleep(0.01)\n"
-            "open(os.path.join(d, 'saved'), 'w').close()\n"
-            "sys.exit(75)\n")
-    cell = SubmititCell(CellCommand(cell_dir=tmp_path, argv=(sys.executable, "-c", code, str(tmp_path))))
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(cell()))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    again = cell.checkpoint()
-    thread.join(timeout=30)
-    assert result == [75] and (tmp_path / "saved").exists()
-    assert isinstance(again, submitit.helpers.DelayedSubmission)
-    resubmitted = pickle.loads(pickle.dumps(again.function))  # what the requeued job unpickles
-    assert isinstance(resubmitted, SubmititCell) and resubmitted.command == cell.command and resubmitted._proc is None
