@@ -275,54 +275,14 @@ def run_pool(
         raise
 
 
-def make_executor(
-    kind: str,
-    *,
-    folder: Path,
-    nproc_per_cell: int = 1,
-    nnodes: int = 1,
-    device: str = "cpu",
-    timeout_min: int | None = None,
-    slurm_partition: str | None = None,
-    cluster: str | None = None,
-) -> Executor:
-    """`local` or `submitit` by name (the `--executor` flag)."""
-    if kind == "local":
-        return LocalExecutor()
-    if kind == "submitit":
-        import importlib.util
-
-        if importlib.util.find_spec("submitit") is None:
-            raise UserError(
-                "--executor submitit: submitit is not installed here; pip install 'frcnn-harness[cluster]' "
-                "(nox -s reproduce installs it)"
-            )
-        from harness.execute.slurm import SubmititExecutor
-
-        return SubmititExecutor(
-            folder=folder,
-            cluster=cluster or os.environ.get("HARNESS_SUBMITIT_CLUSTER") or None,
-            timeout_min=timeout_min or 3 * 24 * 60,
-            gpus_per_node=nproc_per_cell if device.startswith("cuda") else 0,
-            nodes=nnodes,
-            cpus_per_task=None,
-            slurm_partition=slurm_partition,
-        )
-    raise UserError(f"--executor: {kind!r} is not allowed; allowed: {', '.join(EXECUTORS)}")
-
-
-EXECUTORS = ("local", "submitit")
-
 __all__ = [
     "CellCommand",
-    "EXECUTORS",
     "Executor",
     "Handle",
     "LocalExecutor",
     "NodesHandle",
     "RDZV_ENDPOINT",
     "cell_argv",
-    "make_executor",
     "run_pool",
     "spawn_cell",
     "stop_tree",

@@ -31,10 +31,11 @@ from detector.api import (
 )
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, check_name, profile_dir
-from harness.execute.executors import make_executor
+from harness.execute.executors import Executor, LocalExecutor
 from harness.execute.provenance import base_provenance
 from harness.execute.resources import resolve_jobs, thread_env
 from harness.execute.runner import CellJob, RunSummary, run_jobs
+from harness.execute.slurm import SubmititExecutor
 from harness.matrix.spec import Cell, MatrixSpec, Profile
 
 TRAIN_ANN = "annotations/instances_train2017.json"
@@ -382,14 +383,53 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     return summary, matrix
 
 
+def make_executor(
+    kind: str,
+    *,
+    folder: Path,
+    nproc_per_cell: int = 1,
+    nnodes: int = 1,
+    device: str = "cpu",
+    timeout_min: int | None = None,
+    slurm_partition: str | None = None,
+    cluster: str | None = None,
+) -> Executor:
+    """`local` or `submitit` by name (the `--executor` flag)."""
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "submitit":
+        import importlib.util
+
+        if importlib.util.find_spec("submitit") is None:
+            raise UserError(
+                "--executor submitit: submitit is not installed here; pip install 'frcnn-harness[cluster]' "
+                "(nox -s reproduce installs it)"
+            )
+        return SubmititExecutor(
+            folder=folder,
+            cluster=cluster or os.environ.get("HARNESS_SUBMITIT_CLUSTER") or None,
+            timeout_min=timeout_min or 3 * 24 * 60,
+            gpus_per_node=nproc_per_cell if device.startswith("cuda") else 0,
+            nodes=nnodes,
+            cpus_per_task=None,
+            slurm_partition=slurm_partition,
+        )
+    raise UserError(f"--executor: {kind!r} is not allowed; allowed: {', '.join(EXECUTORS)}")
+
+
+EXECUTORS = ("local", "submitit")
+
+
 __all__ = [
+    "EXECUTORS",
     "DataCheck",
+    "check_coco_root",
     "check_data",
     "check_pretrained_files",
-    "check_coco_root",
     "dataset_root",
     "default_device",
     "execute_run",
+    "make_executor",
     "missing_initialisation",
     "parse_pretrained",
     "plan_run",

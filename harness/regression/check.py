@@ -238,7 +238,7 @@ def execute(spec: RegressionSpec, checks: list[Check], *, device: str, log: Log)
         check id -> {"status", "error", "metrics" (flat metric names), "result" (result.json)}.
     """
     from harness.execute.cells import read_json
-    from harness.execute.executors import make_executor
+    from harness.execute.plan import make_executor
     from harness.execute.provenance import base_provenance
     from harness.execute.runner import run_jobs
 

@@ -13,9 +13,9 @@ from harness.execute.executors import (
     CellCommand,
     LocalExecutor,
     cell_argv,
-    make_executor,
     run_pool,
 )
+from harness.execute.plan import make_executor
 from harness.execute.slurm import SubmititExecutor
 from tests.resources.processes import wait_handle as _wait
 
