@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.data.validate import DatasetReport, check_classes, validate_split
     from detector.model.faster_rcnn import build_detector, describe
     from detector.model.pretrained import PRETRAINED, resolve_local
-    from detector.model.weights import verify
     from detector.parity.check import parity_check
     from detector.parity.mmdet_side import parity_versions
+    from detector.verify import verify
 
 __all__ = [
     "AXES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig", "Metrics",
@@ -53,7 +53,7 @@ _LAZY = {
     "describe": "detector.model.faster_rcnn",
     "PRETRAINED": "detector.model.pretrained",
     "resolve_local": "detector.model.pretrained",
-    "verify": "detector.model.weights",
+    "verify": "detector.verify",
     "parity_check": "detector.parity.check",  # needs the `parity` group (mmdet, mmengine, mmcv-lite)
     "parity_versions": "detector.parity.mmdet_side",
 }

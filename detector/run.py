@@ -33,7 +33,7 @@ from detector.errors import ConfigError
 from detector.jsonio import write_json_atomic
 from detector.metrics import Metrics
 from detector.train import checkpoint as ckpt
-from detector.train import engine, solver
+from detector.train import engine, solver, stopping
 from detector.train.evaluate import evaluate_model
 
 REFERENCE_GPUS, REFERENCE_IMAGES_PER_GPU = 8, 2  # reference 1.4: 8 GPUs x 2 images = 16
@@ -198,7 +198,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         "deviations": deviations,
     }  # fmt: skip
     try:
-        with engine.stop_on_signals():
+        with stopping.stop_on_signals():
             result = engine.train(ddp, source, optimizer, schedule, device=device, amp=amp, scaler=scaler,
                                   grad_clip=cfg.schedule.grad_clip, cell_dir=cell_dir,
                                   checkpoint_interval=run.checkpoint_interval, log_interval=run.log_interval,
@@ -333,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     # A stop file left by an earlier stop would stop this run at once: the first process removes it
     # before the process group forms (every rank checks it only inside the training loop).
     if int(os.environ.get("RANK", "0")) == 0:
-        (cell_dir / engine.STOP_FILE).unlink(missing_ok=True)
+        (cell_dir / stopping.STOP_FILE).unlink(missing_ok=True)
     rank, world, device = setup_distributed(run.device)
     try:
         metrics = run_cell(cell_dir, cfg, run, rank=rank, world=world, device=device)
         if rank == 0:
             write_json_atomic(cell_dir / "metrics.json", metrics.to_dict(), indent=2)
-    except engine.Stopped as stopped:
+    except stopping.Stopped as stopped:
         print(f"detector.run: {stopped}", file=sys.stderr, flush=True)
         return STOPPED
     finally:

@@ -228,8 +228,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         from detector.api import verify
     except ImportError as exc:
-        raise UserError(f"verify: the checkpoint verifier (detector.model.weights.verify) is not available: {exc}") from None
-    from harness.execute.plan import check_coco_root, default_device
+        raise UserError(f"verify: the checkpoint verifier (detector.verify) is not available: {exc}") from None
+    from harness.execute.data_root import check_coco_root
+    from harness.execute.plan import default_device
     from harness.matrix.parse import load_matrix
     from harness.results.verdicts import checkpoint_verdict
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from detector.config import DetectorConfig
-from detector.train.engine import Batch, all_reduce, original_size, unwrap
+from detector.train.engine import Batch, all_reduce, unwrap
+from detector.train.evaluate import original_size
 from detector.train.solver import Amp, resolve_amp
 
 # Marketing words that precede the GPU family in `torch.cuda.get_device_name`.

@@ -296,6 +296,7 @@ def load_detector(
     cfg: DetectorConfig,
     classes: Sequence[str] | None = None,
     finetune: bool = False,
+    contents: Any = None,
 ) -> LoadReport:
     """A whole published MMDetection v2 / v3 checkpoint (or one of ours) into `model`.
 
@@ -307,8 +308,12 @@ def load_detector(
         finetune: mmdet `load_from` for a model with another class count (the COCO-subset
             finetunes, reference 1.5): `roi_head.bbox_head.fc_cls` / `fc_reg` whose shapes differ are
             skipped and keep their fresh init, as mmcv's non-strict load does; no class check.
+        contents: the file as `read_checkpoint(path)` returned it, when the caller already read it
+            (a published detector is ~170 MB: `detector.verify` checks its classes before building
+            the model, then loads the same object).
     """
-    return _load_detector(model, read_checkpoint(path), path, cfg=cfg, classes=classes, finetune=finetune)
+    obj = read_checkpoint(path) if contents is None else contents
+    return _load_detector(model, obj, path, cfg=cfg, classes=classes, finetune=finetune)
 
 
 def _load_detector(model: nn.Module, obj: Any, path: str | Path, *, cfg: DetectorConfig,
@@ -318,7 +323,7 @@ def _load_detector(model: nn.Module, obj: Any, path: str | Path, *, cfg: Detecto
     if _is_mmdet_v1(list(source)):
         raise WeightsError(f"{path}: {_V1_HINT}")
     if not finetune and file_classes is not None:
-        _check_classes(path, file_classes, cfg.num_classes, classes)
+        check_checkpoint_classes(path, file_classes, cfg.num_classes, classes)
     elif not finetune:
         log.warning("%s: records no class names; assuming the dataset's category order", path)
     head = ("roi_head.bbox_head.fc_cls.", "roi_head.bbox_head.fc_reg.")
@@ -351,7 +356,9 @@ def _detector_kind(keys: Sequence[str]) -> str:
     return "C4" if any(k.startswith("roi_head.shared_head.") for k in keys) else "DC5"
 
 
-def _check_classes(path: str | Path, file_classes: tuple[str, ...], num_classes: int, classes: Sequence[str] | None) -> None:
+def check_checkpoint_classes(path: str | Path, file_classes: tuple[str, ...], num_classes: int, classes: Sequence[str] | None) -> None:
+    """The file's class list against the model's class count and, when given, the dataset's classes in
+    label order: `WeightsError` naming the first position that differs."""
     if len(file_classes) != num_classes:
         raise WeightsError(
             f"{path}: trained for {len(file_classes)} classes ({_short(file_classes)}), the model has {num_classes}"
@@ -401,60 +408,6 @@ def initialise(model: nn.Module, cfg: DetectorConfig, run: RunConfig, *, require
     return notes
 
 
-# --------------------------------------------------------------------------------------------------
-# harness verify CELL --checkpoint FILE --data ROOT
-# --------------------------------------------------------------------------------------------------
-def verify(
-    cfg: DetectorConfig,
-    *,
-    checkpoint: str | Path,
-    data_root: str | Path,
-    device: str = "cpu",
-    max_images: int | None = None,
-    workers: int = 2,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a published checkpoint without training: build the cell's model, load the file
-    (class order checked against the dataset's), run the test pipeline (reference 1.3: resize to
-    `cfg.data.scale`, no flip, batch 1, FP32) on val2017, or on train2017 in test mode when the root
-    has no val split, and score it with pycocotools as mmdet's `CocoMetric`.
-
-    Returns:
-        The 12 COCO box stats (`detector.data.coco_eval.METRIC_KEYS`, fractions), `box_ap` (percentage
-        points, one decimal), `eval_split`, `images`, `checkpoint` and `classes_checked` (whether
-        the file recorded class names that were compared).
-    """
-    from detector.data import coco as data
-    from detector.model.faster_rcnn import build_detector
-    from detector.train.evaluate import evaluate_model  # late: only verifying needs the data pipeline and the loop
-
-    run = RunConfig(data_root=str(data_root), device=device, eval_max_images=max_images, workers=workers)
-    dataset = data.build_dataset(cfg, run, train=False)
-    if dataset.num_classes != cfg.num_classes:
-        raise WeightsError(
-            f"{dataset.ann_file}: {dataset.num_classes} categories selected, but {cfg.name} has {cfg.num_classes} classes"
-        )
-    obj = read_checkpoint(checkpoint)
-    file_classes = checkpoint_classes(split_checkpoint(obj, checkpoint)[1])
-    if file_classes is not None:  # fail before building the model
-        _check_classes(checkpoint, file_classes, cfg.num_classes, dataset.class_names)
-    model = build_detector(cfg)
-    report = _load_detector(model, obj, checkpoint, cfg=cfg, classes=dataset.class_names, finetune=False)
-    dev = torch.device(device)
-    model.to(dev).eval()
-    # Only the images that were run count (all of them unless max_images), as mmdet scores its whole split.
-    stats = evaluate_model(model, dataset, device=dev, workers=workers, source=f"detections of {checkpoint}", progress=progress)
-    assert stats is not None  # one process: rank 0
-    return {
-        **stats,
-        "box_ap": round(stats["bbox_mAP"] * 100, 1),
-        "eval_split": dataset.split,
-        "images": len(dataset),
-        "checkpoint": str(checkpoint),
-        "classes_checked": report.classes is not None,
-    }
-
-
 __all__ = [
     "LoadReport",
     "checkpoint_classes",
@@ -462,6 +415,6 @@ __all__ = [
     "load_backbone",
     "load_detector",
     "read_checkpoint",
+    "check_checkpoint_classes",
     "split_checkpoint",
-    "verify",
 ]

@@ -1,6 +1,8 @@
-"""Training and evaluation loops: seeding, DDP helpers, JSONL log, progress bar, checkpoints.
+"""The training loop: seeding, DDP helpers, JSONL log, progress bar, checkpoints.
 
-The optimiser, learning-rate schedule and mixed precision live in `detector.train.solver`.
+The optimiser, learning-rate schedule and mixed precision live in `detector.train.solver`; a stop on
+request (stop file, Slurm's signals) in `detector.train.stopping`; the evaluation loop in
+`detector.train.evaluate`.
 
 Shorthand used below:
     it      global iteration; 0-based inside the loop (the one about to run), 1-based in the logs
@@ -17,16 +19,13 @@ schedule is a pure function of the iteration, so a resumed run needs no schedule
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from detector.train import checkpoint as ckpt
 from detector.train.solver import Amp, LRSchedule
+from detector.train.stopping import STOP, STOP_FILE, Stopped
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]], list[dict[str, Any]]]
 
@@ -174,56 +174,6 @@ class _Window:
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count, self.time, self.data_time = self.count + 1, self.time + dt, self.data_time + data_dt
-
-
-class Stopped(Exception):
-    """Training stopped on request (the stop file or `STOP_SIGNALS`: Slurm's preemption signal) after a
-    checkpoint of the iteration it reached: run the cell again to resume exactly there."""
-
-    def __init__(self, iteration: int) -> None:
-        super().__init__(f"stopped on request at iteration {iteration}; checkpoint saved, run again to resume")
-        self.iteration = iteration
-
-
-# A file in the cell folder that asks a running cell to checkpoint and stop: how submitit's
-# preemption hook (harness.execute.slurm.SubmititCell.checkpoint) reaches every rank of every
-# node, whatever the process tree (torchrun agents, DataLoader workers) between them.
-STOP_FILE = "STOP"
-
-
-class StopRequest:
-    """Set from a signal handler (`STOP_SIGNALS` while training); read by `train` once per
-    iteration with the stop file, reduced over ranks, so every rank stops at the same iteration."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def set(self, *_args: Any) -> None:
-        self.requested = True
-
-
-STOP = StopRequest()
-
-
-# SIGUSR2 too: the signal submitit asks Slurm to send before a preemption or the time limit, which
-# Slurm delivers to every process of the job step, this one included (seen on the real Slurm of
-# `nox -s slurm`: without a handler it killed the cell before submitit could ask it to checkpoint).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While training, `STOP_SIGNALS` request a checkpoint and a stop instead of killing the process
-    (outside training they keep their default: nothing to save there). Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, STOP.set) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def train(
@@ -405,52 +355,6 @@ def truncate_log(path: Path, upto_iter: int) -> None:
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluation loop
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Iterable[Batch],
-    *,
-    device: torch.device,
-    amp: Amp | None = None,
-    progress: bool = False,
-    total: int | None = None,
-) -> tuple[list[dict[str, Tensor]], list[dict[str, Any]]]:
-    """Run the model over `loader` in eval mode.
-
-    Returns:
-        outputs: per image `{"boxes": (K, 4), "scores": (K,), "labels": (K,)}` on the CPU, boxes in
-            the original image's pixels (the model rescales to `original_sizes`).
-        metas: the matching per-image metas.
-    """
-    bare = unwrap(model)
-    was_training = bare.training
-    bare.eval()
-    outputs: list[dict[str, Tensor]] = []
-    metas_out: list[dict[str, Any]] = []
-    bar = Progress(total or 0, "eval", enabled=progress and total is not None)
-    for images, _targets, metas in loader:
-        images = [img.to(device, non_blocking=True) for img in images]
-        with amp.autocast() if amp is not None else contextlib.nullcontext():
-            dets = bare(images, original_sizes=[original_size(m) for m in metas])
-        outputs.extend({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in d.items()} for d in dets)
-        metas_out.extend(metas)
-        bar.update(len(images))
-    bar.close()
-    bare.train(was_training)
-    return outputs, metas_out
-
-
-def original_size(meta: dict[str, Any]) -> tuple[int, int]:
-    """(h, w) of the image before resizing, from a `detector.data.coco` meta dict."""
-    size = meta.get("orig_size", meta.get("original_size"))
-    if size is None:
-        raise KeyError(f"image meta without 'orig_size': keys {sorted(meta)}")
-    return int(size[0]), int(size[1])
-
-
 __all__ = [
     "Batch",
     "BatchSource",
@@ -460,7 +364,6 @@ __all__ = [
     "all_reduce",
     "dist_rank_world",
     "memory_mb",
-    "predict",
     "seed_everything",
     "train",
     "truncate_log",

@@ -39,7 +39,7 @@ STDOUT_FILE = "stdout.txt"
 # Seconds a cell gets between SIGTERM and SIGKILL when the harness is interrupted: long enough for
 # detector.run to finish an atomic checkpoint write, short enough for a user holding Ctrl-C.
 KILL_GRACE_S = 10.0
-# detector.train.engine.STOP_FILE: the cell folder file that asks a running cell to checkpoint and
+# detector.train.stopping.STOP_FILE: the cell folder file that asks a running cell to checkpoint and
 # stop (a name, not an import: the harness reaches the detector only through its process and files).
 STOP_FILE = "STOP"
 

@@ -67,7 +67,7 @@ def resolve_data(data: str | None, *, ci: bool, log: Log) -> Path | None:
     Raises:
         UserError: the data is missing and `ci` is set: CI must not pass on the synthetic checks alone.
     """
-    from harness.execute.plan import check_coco_root
+    from harness.execute.data_root import check_coco_root
 
     if data is None:
         problem = "no --data ROOT was given"
@@ -94,7 +94,7 @@ def overfit_root(base: Path, data_root: Path, images: int) -> Path:
     import os
 
     from detector.api import subset_annotations
-    from harness.execute.plan import TRAIN_ANN, TRAIN_IMAGES
+    from harness.execute.data_root import TRAIN_ANN, TRAIN_IMAGES
 
     root = base / "_data" / f"overfit-{images}"
     ann = root / TRAIN_ANN
@@ -156,7 +156,8 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
     changes; the regression adds only its own checks (overfit floor, determinism twin).
     """
     from harness.execute.cells import cell_dir
-    from harness.execute.plan import plan_run, synthetic_root
+    from harness.execute.data_root import synthetic_root
+    from harness.execute.plan import plan_run
     from harness.matrix.parse import load_matrix
 
     matrix = load_matrix(spec.matrix)

@@ -360,7 +360,7 @@ def test_full_profile_refuses_random_init_before_anything_runs(
 
 def test_verify_accepts_a_val_only_root(tmp_path: Path) -> None:
     from harness.errors import UserError
-    from harness.execute.plan import check_coco_root
+    from harness.execute.data_root import check_coco_root
 
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")

@@ -1,4 +1,4 @@
-"""detector.model.weights: published key layouts -> our model, fit errors, class order, verify().
+"""detector.model.weights: published key layouts -> our model, fit errors, class order, initialise().
 
 The checkpoint layouts here are written from the *published* architecture descriptions (mmdet
 `ResNet.arch_settings`, `FPN`, `RPNHead`, `Shared2FCBBoxHead`, `shared_heads.ResLayer`) and the key
@@ -9,7 +9,6 @@ from our own `model.state_dict()`. Every tensor gets distinct random values, so 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from detector.errors import WeightsError
 from detector.model.backbones import ResNet
 from detector.model.faster_rcnn import build_detector
 from detector.model.pretrained import PRETRAINED, pretrained_file, resolve_local
-from detector.model.weights import initialise, load_backbone, load_detector, read_checkpoint, verify
+from detector.model.weights import initialise, load_backbone, load_detector, read_checkpoint
 
 # mmdet v2 `CocoDataset.CLASSES` / v3 `METAINFO["classes"]`: COCO category names in id order.
 COCO_CLASSES = (
@@ -449,23 +448,3 @@ def test_initialise_from_a_weights_folder(fpn_model: torch.nn.Module, tmp_path: 
     assert notes == ["backbone randomly initialised: no local file for torchvision://resnet50 (expected resnet50-0676ba61.pth)"]
     with pytest.raises(WeightsError, match="no local file"):
         initialise(fpn_model, DetectorConfig(), RunConfig(data_root=str(tmp_path)), require=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# verify(): a checkpoint saved from a model, evaluated on a tiny synthetic COCO root
-# --------------------------------------------------------------------------------------------------
-def test_verify_end_to_end(tmp_path: Path) -> None:
-    from detector.data.synth import make_synthetic_coco
-
-    root = make_synthetic_coco(tmp_path / "data", images=1, val_images=2, size=(96, 64), seed=0)
-    cfg = dataclasses.replace(DetectorConfig(), data=dataclasses.replace(DetectorConfig().data, scale=(96, 64)))
-    model = build_detector(cfg)  # a freshly initialised model, as if trained: its file is "published"
-    ckpt = save({"meta": {"CLASSES": COCO_CLASSES}, "state_dict": model.state_dict()}, tmp_path / "published.pth")
-    out = verify(cfg, checkpoint=ckpt, data_root=root, workers=0)
-    assert out["eval_split"] == "val2017" and out["images"] == 2 and out["classes_checked"] is True
-    stats = {k: v for k, v in out.items() if k.startswith("bbox_")}
-    assert len(stats) == 12 and all(-1.0 <= v <= 1.0 for v in stats.values())
-    assert out["box_ap"] == round(out["bbox_mAP"] * 100, 1)
-    bad = save({"meta": {"CLASSES": COCO_CLASSES[::-1]}, "state_dict": model.state_dict()}, tmp_path / "reversed.pth")
-    with pytest.raises(WeightsError, match="class order"):
-        verify(cfg, checkpoint=bad, data_root=root, workers=0, max_images=1)

@@ -105,14 +105,6 @@ def test_grad_clip_bounds_the_update() -> None:
     assert 0 < float(sum(moved)) ** 0.5 <= lr0 * 1e-6 * 1.001
 
 
-def test_predict_returns_cpu_detections_in_original_size() -> None:
-    model, source = TinyDetector(), TinySource()
-    outputs, metas = engine.predict(model, source.eval_batches(), device=CPU)
-    assert len(outputs) == len(metas) == 12 and model.training  # mode restored
-    assert set(outputs[0]) == {"boxes", "scores", "labels"} and outputs[0]["boxes"].shape == (1, 4)
-    assert (outputs[0]["boxes"] <= 16).all()
-
-
 def test_truncate_log_drops_lines_after_the_checkpoint(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"iter": i, "loss": 1.0}) + "\n" for i in (3, 6, 9)))

@@ -25,26 +25,6 @@ def _coco_root(tmp_path: Path, *, val: bool) -> Path:
     return root
 
 
-def test_check_coco_root_names_what_is_missing(tmp_path: Path) -> None:
-    root = _coco_root(tmp_path, val=False)
-    assert planning.check_coco_root(root, "--data") == root.resolve()
-    (root / "train2017").rmdir()
-    with pytest.raises(UserError, match=r"--data .*coco: missing train2017/"):
-        planning.check_coco_root(root, "--data")
-    with pytest.raises(UserError, match="no such folder"):
-        planning.check_coco_root(tmp_path / "nope", "--data")
-
-
-def test_synthetic_root_is_generated_once(tmp_path: Path) -> None:
-    root = planning.synthetic_root(tmp_path, images=2, seed=3)
-    assert root == tmp_path / "_data" / "synthetic-2-s3"
-    ann = root / "annotations" / "instances_train2017.json"
-    stamp = ann.stat().st_mtime_ns
-    assert planning.synthetic_root(tmp_path, images=2, seed=3) == root
-    assert ann.stat().st_mtime_ns == stamp  # cached, not regenerated
-    assert [p.name for p in (tmp_path / "_data").iterdir() if not p.name.startswith(".")] == ["synthetic-2-s3"]
-
-
 def test_run_config_from_profile(tmp_path: Path) -> None:
     smoke = load_matrix("faster_rcnn").profile("smoke")
     root = _coco_root(tmp_path, val=False)
@@ -110,12 +90,3 @@ def test_a_cell_the_detector_cannot_build_is_skipped(tmp_path: Path, monkeypatch
     by_name = {j.name: j for j in jobs}
     assert by_name[C4].skip_reason == "the detector cannot build this cell: NotImplementedError: res5 shared head"
     assert by_name[R50].skip_reason is None
-
-
-def test_dataset_root_choices(tmp_path: Path) -> None:
-    matrix = load_matrix("faster_rcnn")
-    full = matrix.profile("full")
-    with pytest.raises(UserError, match="--data"):
-        planning.dataset_root(matrix, full, data=None, runs_dir=tmp_path, seed=0, log=print)
-    root = _coco_root(tmp_path, val=True)
-    assert planning.dataset_root(matrix, full, data=str(root), runs_dir=tmp_path, seed=0, log=print) == root.resolve()
