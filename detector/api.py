@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.bench.measure import bench, device_class
     from detector.data.coco import subset_annotations
     from detector.data.coco_eval import evaluate_files
-    from detector.data.synth import make_synthetic_coco
+    from detector.data.synth import COCO_CATEGORIES, make_synthetic_coco
     from detector.data.validate import DatasetReport, check_classes, validate_split
     from detector.model.faster_rcnn import build_detector, describe
     from detector.model.pretrained import PRETRAINED, resolve_local
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.verify import verify
 
 __all__ = [
-    "AXES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig", "Metrics",
+    "AXES", "COCO_CATEGORIES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig", "Metrics",
     "RunConfig", "WeightsError", "bench", "build_detector", "cannot_build", "check_classes", "describe",
     "device_class", "parity_check", "parity_versions", "evaluate_files", "make_synthetic_coco", "resolve", "resolve_local", "subset_annotations",
     "validate_split", "verify", "write_json_atomic",
@@ -45,6 +45,7 @@ _LAZY = {
     "device_class": "detector.bench.measure",
     "subset_annotations": "detector.data.coco",
     "evaluate_files": "detector.data.coco_eval",
+    "COCO_CATEGORIES": "detector.data.synth",
     "make_synthetic_coco": "detector.data.synth",
     "DatasetReport": "detector.data.validate",
     "check_classes": "detector.data.validate",

@@ -115,6 +115,11 @@ class DataCheck:
                 check_classes(split, cell=cell, classes=cfg.data.classes, num_classes=cfg.num_classes)
         return cfg
 
+    def trained(self, cfg: DetectorConfig) -> tuple[str, ...]:
+        """The category names `cfg` trains on this data, in label order: its own list, else the file's
+        categories in id order (how `detector.data.coco` labels them when the recipe names none)."""
+        return tuple(cfg.data.classes) or tuple(name for _id, name in sorted(self.train.categories))
+
     def notes_for(self, cfg: DetectorConfig) -> tuple[str, ...]:
         """The run's data notes for result.json: repairs, drops, and the categories trained."""
         notes = [f"data: {n}" for split in (self.train, self.val) if split is not None for n in split.notes]

@@ -203,6 +203,7 @@ def plan_run(
                 spec={"config": cfg.to_dict(), "run": run.to_dict()},
                 axes=dict(cell.axes), skip_reason=problem,
                 notes=tuple(cfg.notes) + (data.notes_for(cfg) if data else ()),
+                categories=data.trained(cfg) if data else (),
             ))  # fmt: skip
     return jobs
 

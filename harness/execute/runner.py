@@ -49,6 +49,9 @@ class CellJob:
     spec: dict[str, Any]  # {"config": DetectorConfig.to_dict() or None, "run": RunConfig.to_dict()}
     axes: dict[str, str]
     notes: tuple[str, ...] = ()
+    # The category names the cell trains, in label order (the file's when the recipe names none);
+    # empty when the data was not checked before planning. Judged against the recipe's at compare time.
+    categories: tuple[str, ...] = ()
     skip_reason: str | None = None  # set: record `skipped` with this reason, run nothing
 
     @property
@@ -102,6 +105,7 @@ def make_result(
         "metrics": {k: v for k, v in metrics.items() if k not in ("status", "error")},
         "provenance": provenance,
         "notes": list(job.notes),
+        "categories": list(job.categories),
     }
 
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import pandas as pd
 
-from detector.api import Metrics
+from detector.api import COCO_CATEGORIES, Metrics
 from harness.errors import UserError
 from harness.execute.cells import cell_dir, iter_results, profile_dir
 from harness.matrix.spec import Cell, MatrixSpec
 from harness.metrics import METRICS, Measured, finite
-from harness.results.verdicts import Scope, judge, precedence, quirk_ids, scope_of
+from harness.results.verdicts import Scope, judge, other_categories_of, precedence, quirk_ids, scope_of
 
 # Columns of `collect()`, in order (axes columns follow). DESIGN.md's results.csv columns are a subset.
 COLUMNS: tuple[str, ...] = (
@@ -29,7 +29,7 @@ COLUMNS: tuple[str, ...] = (
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
     "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
     "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
-    "data_root", "image_scale", "proposal_cap", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
+    "data_root", "image_scale", "proposal_cap", "other_categories", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
     "cells_at_once", "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
     "pycocotools_version", "harness_version", "finished_at", "run_dir",
 )
@@ -155,7 +155,8 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
     prov: dict[str, Any] = result.get("provenance") or {}
     versions: dict[str, Any] = prov.get("versions") or {}
     machine: dict[str, Any] = prov.get("machine") or {}
-    spec_run = _read_json(run_dir / "spec.json").get("run") or {}
+    spec = _read_json(run_dir / "spec.json")
+    spec_run = spec.get("run") or {}
     notes = tuple(result.get("notes") or ()) or cell.recipe_notes
     status = str(result.get("status", "failed"))
     row: dict[str, Any] = {
@@ -190,6 +191,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
         "proposal_cap": spec_run.get("proposal_cap"),
+        "other_categories": other_categories_of(_trained_categories(result, spec), recipe_categories(cell)),
         # The harness's data notes (repairs, drops, the categories trained) are deviations of the run too.
         "deviations": rec.deviations + tuple(n for n in notes if n.startswith("data: ")),
         "notes": notes,
@@ -204,27 +206,29 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "finished_at": prov.get("finished_at"),
         "run_dir": str(run_dir),
     }
+    row["verdict"], row["verdict_reason"], ap_compared = _run_verdict(row, cell, status, scope, matrix)
     # A delta only where AP is compared: -35.6 beside a 12-iteration smoke run reads like a result.
-    if row["box_ap"] is not None and cell.published.box_ap is not None and "box_ap" in scope.metrics:
+    if ap_compared and row["box_ap"] is not None and cell.published.box_ap is not None:
         row["delta_box_ap"] = round(row["box_ap"] - cell.published.box_ap, 3)
-    row["verdict"], row["verdict_reason"] = _run_verdict(row, cell, status, scope, matrix)
     return row
 
 
-def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, matrix: MatrixSpec) -> tuple[str, str]:
-    """The verdict of a single run (one seed); `harness.results.compare` judges a cell over its seeds."""
+def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, matrix: MatrixSpec) -> tuple[str, str, bool]:
+    """The verdict of a single run (one seed), its reason, and whether its box AP was compared;
+    `harness.results.compare` judges a cell over its seeds."""
     first = precedence(n_ok=int(status == "ok"), n_failed=int(status not in ("ok", "skipped")))
     if first == "fail":  # a crash or a non-finite loss, whatever the profile: the cell does not work
-        return "fail", f"run failed: {_last_line(row['error'])}"
+        return "fail", f"run failed: {_last_line(row['error'])}", False
     if first == "not run":
-        return "not run", f"skipped: {row['reason'] or 'no reason given'}"
+        return "not run", f"skipped: {row['reason'] or 'no reason given'}", False
     measured = {
         m.key: Measured(mean=row[m.column], low=row[m.column], high=row[m.column], context=row[m.context] if m.context else None)
         for m in METRICS if row[m.column] is not None
     }  # fmt: skip
-    verdict, _, reasons = judge(scope=scope, measured=measured, eval_split=row["eval_split"], published=cell.published,
-                                tolerances=matrix.tolerances)  # fmt: skip
-    return verdict, "; ".join(reasons)
+    verdict, per_metric, reasons = judge(scope=scope, measured=measured, eval_split=row["eval_split"],
+                                         published=cell.published, tolerances=matrix.tolerances,
+                                         other_categories=row["other_categories"])  # fmt: skip
+    return verdict, "; ".join(reasons), per_metric["box_ap"] != "not comparable"
 
 
 def _throughput(log: Path, rec: Metrics, status: str) -> dict[str, float | None]:
@@ -245,6 +249,18 @@ def _throughput(log: Path, rec: Metrics, status: str) -> dict[str, float | None]
         if iters > 0 and seconds > 0:
             return {"train_images_per_s": round(iters * batch / seconds, 2), "s_per_iter": round(seconds / iters, 4)}
     return {"train_images_per_s": _float(rec.train_images_per_s), "s_per_iter": _float(rec.s_per_iter)}
+
+
+def recipe_categories(cell: Cell) -> tuple[str, ...]:
+    """The category names the cell's recipe trains: its own list (the COCO-subset finetunes), else COCO's 80."""
+    return tuple(cell.config.data.classes) or tuple(name for _id, name, _super in COCO_CATEGORIES)
+
+
+def _trained_categories(result: dict[str, Any], spec: dict[str, Any]) -> tuple[str, ...]:
+    """What the run trained: result.json's `categories` (the planner's, from the checked data); a run
+    written before they were recorded has at least its config's own list (`--classes dataset`)."""
+    recorded = result.get("categories") or ((spec.get("config") or {}).get("data") or {}).get("classes") or ()
+    return tuple(str(c) for c in recorded)
 
 
 def _cell_fields(cell: Cell, profile: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ tolerance rules are the table in `harness.metrics`; `judge` iterates it.
 
 - Which metrics a profile compares at all (`scope_of`): `published` (full) all, `hardware` Mem and
   fps only (its box AP comes from a few iterations), the toy profiles none.
-- Only COCO val2017 is the published experiment: AP evaluated elsewhere makes nothing comparable.
+- Only COCO val2017 with the recipe's categories is the published experiment: AP evaluated elsewhere,
+  or a model trained on a dataset's own categories, makes nothing comparable.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def judge(
     eval_split: str | None,
     published: Published,
     tolerances: PublishedTolerances,
+    other_categories: str | None = None,
 ) -> tuple[Verdict, dict[str, Verdict], list[str]]:
     """Verdict of finished run(s) of one cell on every metric of `harness.metrics.METRICS`.
 
@@ -128,6 +130,8 @@ def judge(
         measured: metric key -> its value(s) (a single run: low == high == the value); a metric
             missing here was not measured.
         eval_split: where AP was evaluated; only val2017 is comparable with the published numbers.
+        other_categories: what the run trained when not the recipe's categories (`--classes dataset`
+            on another dataset), as `other_categories_of` words it; None: the recipe's.
         published: a `harness.matrix.spec.Published`; tolerances: a `harness.matrix.spec.PublishedTolerances`.
 
     Returns:
@@ -142,6 +146,9 @@ def judge(
     if "box_ap" in compared and splits - {"val2017"}:
         compared.clear()  # not COCO val2017: not the published experiment at all
         reasons.append(f"evaluated on the {eval_split} split, the published numbers are on val2017")
+    if compared and other_categories:
+        compared.clear()  # another dataset's categories: not the published experiment either
+        reasons.append(f"trained {other_categories}, the published numbers are COCO's")
     per_metric: dict[str, Verdict] = {}
     for metric in METRICS:
         if metric.key not in compared:
@@ -164,6 +171,15 @@ def precedence(*, n_ok: int, n_failed: int) -> Verdict | None:
     return None
 
 
+def other_categories_of(trained: Sequence[str], recipe: Sequence[str]) -> str | None:
+    """None when a run trained the recipe's categories (in any label order: AP is per category), else
+    the words `judge` gives as the reason. `trained` empty: not recorded, taken as the recipe's."""
+    if not trained or set(trained) == set(recipe):
+        return None
+    few = ", ".join(list(trained)[:3]) + (", ..." if len(trained) > 3 else "")
+    return f"{len(trained)} categories of its own ({few}), not the recipe's {len(recipe)}"
+
+
 # COCO val2017: the published box AP is over all of it.
 COCO_VAL_IMAGES = 5000
 
@@ -181,4 +197,4 @@ def checkpoint_verdict(*, box_ap: float, images: int, eval_split: str, published
     return verdict, reasons
 
 
-__all__ = ["T95", "VERDICTS", "Scope", "COCO_VAL_IMAGES", "checkpoint_verdict", "combine", "interval95", "judge", "precedence", "quirk_ids", "scope_of", "t_critical"]
+__all__ = ["T95", "VERDICTS", "Scope", "COCO_VAL_IMAGES", "checkpoint_verdict", "combine", "interval95", "judge", "other_categories_of", "precedence", "quirk_ids", "scope_of", "t_critical"]

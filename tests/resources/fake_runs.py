@@ -35,6 +35,7 @@ def write_run(
     finished_at: str = "2025-01-02T03:04:05+00:00",
     checkpoint: bool = False,
     framework_mem_gb: float | None = None,
+    categories: list[str] | None = None,
 ) -> Path:
     """Write one fake cell folder under `runs_dir` and return it."""
     folder = Path(runs_dir) / MATRIX / profile / cell
@@ -65,6 +66,8 @@ def write_run(
     }
     if notes is not None:
         result["notes"] = notes
+    if categories is not None:
+        result["categories"] = categories
     (folder / "result.json").write_text(json.dumps(result), encoding="utf-8")
     if data_root is not None:
         (folder / "spec.json").write_text(json.dumps({"config": {}, "run": {"data_root": data_root, "image_scale": [160, 128]}}), encoding="utf-8")

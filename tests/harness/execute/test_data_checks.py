@@ -83,6 +83,23 @@ def test_own_categories_train_with_classes_dataset(tmp_path: Path) -> None:
     assert "data: trained on the dataset's own 3 categories: widget, gadget, gizmo" in result["notes"]
     spec = json.loads((tmp_path / "runs" / "tiny" / "tiny" / R50 / "spec.json").read_text())
     assert spec["config"]["num_classes"] == 3 and spec["config"]["data"]["classes"] == ["widget", "gadget", "gizmo"]
+    assert result["categories"] == ["widget", "gadget", "gizmo"]  # what compare judges against the recipe's
+
+
+def test_the_planner_records_the_categories_each_cell_trains(tmp_path: Path) -> None:
+    from harness.execute.data_root import check_data
+    from harness.execute.plan import plan_run
+    from harness.matrix.parse import load_matrix
+
+    matrix = load_matrix("faster_rcnn")
+    cells = matrix.select([R50])
+    root = make_root(tmp_path, "own-categories")
+    data = check_data(root, log=lambda _line: None)
+    kw = {"cells": cells, "seeds": [0], "runs_dir": tmp_path / "runs", "data_root": root, "device": "cpu", "pretrained": {}, "data": data}
+    (own,) = plan_run(matrix, matrix.profile("smoke"), classes="dataset", **kw)  # type: ignore[arg-type]
+    assert own.categories == ("widget", "gadget", "gizmo")
+    with pytest.raises(DataError, match="--classes dataset"):
+        plan_run(matrix, matrix.profile("smoke"), **kw)  # type: ignore[arg-type]
 
 
 def test_subset_never_overwrites(tmp_path: Path) -> None:

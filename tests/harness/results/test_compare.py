@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from detector.api import COCO_CATEGORIES
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
 from harness.metrics import ap_verdict
@@ -93,6 +94,18 @@ def test_train_split_evaluation_is_not_comparable(matrix: MatrixSpec, tmp_path: 
     write_run(tmp_path, R50, eval_split="train2017")
     row = _row(matrix, tmp_path)
     assert row["verdict"] == "not comparable" and "train2017" in row["reason"]
+    assert math.isnan(row["delta_box_ap"])  # no delta beside an AP that is not compared
+
+
+def test_a_dataset_s_own_categories_are_not_comparable(matrix: MatrixSpec, tmp_path: Path) -> None:
+    """`--classes dataset` on another dataset: an AP near the published one is not a pass (nor a fail)."""
+    write_run(tmp_path, R50, box_ap=37.3, categories=["widget", "gizmo", "sprocket"])
+    write_run(tmp_path, R101, box_ap=39.4, categories=[name for _id, name, _s in COCO_CATEGORIES][::-1])
+    own, coco = _row(matrix, tmp_path), _row(matrix, tmp_path, R101)
+    assert own["verdict"] == own["ap_verdict"] == "not comparable" and math.isnan(own["delta_box_ap"])
+    assert "trained 3 categories of its own (widget, gizmo, sprocket), not the recipe's 80" in own["reason"]
+    assert own["other_categories"] == "3 categories of its own (widget, gizmo, sprocket), not the recipe's 80"
+    assert coco["ap_verdict"] == "pass" and not isinstance(coco["other_categories"], str)  # COCO's 80, in another label order
 
 
 def test_not_run_and_failed_cells(matrix: MatrixSpec, tmp_path: Path) -> None:
