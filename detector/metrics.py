@@ -45,6 +45,7 @@ class Metrics:
     lr_rescaled: bool | None = None
     resumed_from_iter: int | None = None
     eval_split: str | None = None
+    eval_images: int | None = None  # images evaluated (COCO val2017: 5,000 when all of it)
     device: str | None = None
     device_class: str | None = None
     deviations: tuple[str, ...] = field(default_factory=tuple)

@@ -256,7 +256,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         s_per_iter=round(result.train_time_s / result.iters, 4) if result.iters else None,
         threads=torch.get_num_threads(),
         **{k: base[k] for k in ("world_size", "images_per_gpu", "total_batch", "lr", "base_lr", "lr_rescaled")},
-        resumed_from_iter=result.resumed_from_iter, eval_split=eval_set.split,
+        resumed_from_iter=result.resumed_from_iter, eval_split=eval_set.split, eval_images=len(eval_set),
         device=base["device"], device_class=base["device_class"], deviations=tuple(deviations),
         phase_s=phases.seconds,
     )  # fmt: skip

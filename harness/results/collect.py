@@ -27,7 +27,7 @@ COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "seed", "status", "error", "reason",
     "box_ap", "mem_gb", "mem_kind", "framework_mem_gb", "fps", "fps_precision", "device", "device_class",
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
-    "eval_split", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
+    "eval_split", "eval_images", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
     "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
     "data_root", "image_scale", "proposal_cap", "other_categories", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
     "cells_at_once", "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
@@ -172,6 +172,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "device": rec.device or prov.get("device"),
         "device_class": rec.device_class or prov.get("device_class"),
         "eval_split": rec.eval_split,
+        "eval_images": rec.eval_images,
         "iters": rec.iters,
         "epochs": rec.epochs,
         "world_size": _or(rec.world_size, prov.get("world_size")),
@@ -227,7 +228,7 @@ def _run_verdict(row: dict[str, Any], cell: Cell, status: str, scope: Scope, mat
     }  # fmt: skip
     verdict, per_metric, reasons = judge(scope=scope, measured=measured, eval_split=row["eval_split"],
                                          published=cell.published, tolerances=matrix.tolerances,
-                                         other_categories=row["other_categories"])  # fmt: skip
+                                         other_categories=row["other_categories"], eval_images=row["eval_images"])  # fmt: skip
     return verdict, "; ".join(reasons), per_metric["box_ap"] != "not comparable"
 
 

@@ -24,7 +24,7 @@ COMPARE_COLUMNS: tuple[str, ...] = (
     "box_ap", "box_ap_std", "ci95_low", "ci95_high", "published_box_ap", "delta_box_ap",
     "mem_gb", "mem_kind", "published_mem_gb", "delta_mem", "delta_mem_rel",
     "fps", "device_class", "published_fps", "fps_comparable",
-    "ap_verdict", "mem_verdict", "fps_verdict", "verdict", "reason", "eval_split", "other_categories", "notes", "quirks",
+    "ap_verdict", "mem_verdict", "fps_verdict", "verdict", "reason", "eval_split", "eval_images", "other_categories", "notes", "quirks",
 )
 
 
@@ -129,6 +129,8 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix:
     out["fps_comparable"] = "fps" in measured and pub.fps is not None and out["device_class"] == PUBLISHED_DEVICE_CLASS
     splits = set(ok["eval_split"].dropna())
     out["eval_split"] = ", ".join(sorted(splits)) or None
+    counts = [int(n) for n in ok["eval_images"] if finite(n)] if "eval_images" in ok else []
+    out["eval_images"] = min(counts) if counts else None  # a seed over fewer images makes the cell's AP partial
     others = sorted(set(ok["other_categories"].dropna())) if "other_categories" in ok else []
     out["other_categories"] = "; ".join(others) or None
 
@@ -140,7 +142,8 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix:
         out.update(verdict="not run", reason=rows["verdict_reason"].iloc[0] if len(rows) else "no result.json yet")
     if len(ok):  # per-metric verdicts of the finished seeds, also beside a failed one
         verdict, per_metric, reasons = judge(scope=scope, measured=measured, eval_split=out["eval_split"], published=pub,
-                                             tolerances=matrix.tolerances, other_categories=out["other_categories"])  # fmt: skip
+                                             tolerances=matrix.tolerances, other_categories=out["other_categories"],
+                                             eval_images=out["eval_images"])  # fmt: skip
         out.update({m.verdict_column: per_metric[m.key] for m in METRICS})
         # A delta only where AP is compared: -35.6 beside a 12-iteration smoke run reads like a result.
         if "box_ap" in measured and pub.box_ap is not None and per_metric["box_ap"] != "not comparable":

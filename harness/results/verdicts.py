@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # only for annotations: verdicts stays importable without the
 
 VERDICTS: tuple[str, ...] = ("pass", "warn", "fail", "not comparable", "not run")
 
+# COCO val2017: the published box AP is over all of it.
+COCO_VAL_IMAGES = 5000
+
 # Two-sided 95% Student-t critical values t(0.975, df) for df = 1..30 (standard tables); beyond 30
 # the normal 1.96 is close enough for a table with one decimal. scipy is not a dependency.
 T95: dict[int, float] = {
@@ -119,6 +122,7 @@ def judge(
     published: Published,
     tolerances: PublishedTolerances,
     other_categories: str | None = None,
+    eval_images: int | None = None,
 ) -> tuple[Verdict, dict[str, Verdict], list[str]]:
     """Verdict of finished run(s) of one cell on every metric of `harness.metrics.METRICS`.
 
@@ -132,6 +136,8 @@ def judge(
         eval_split: where AP was evaluated; only val2017 is comparable with the published numbers.
         other_categories: what the run trained when not the recipe's categories (`--classes dataset`
             on another dataset), as `other_categories_of` words it; None: the recipe's.
+        eval_images: how many images AP was evaluated on (None: not recorded); the published box AP is
+            over all `COCO_VAL_IMAGES` of val2017, so AP over fewer (or more) is not compared.
         published: a `harness.matrix.spec.Published`; tolerances: a `harness.matrix.spec.PublishedTolerances`.
 
     Returns:
@@ -149,6 +155,9 @@ def judge(
     if compared and other_categories:
         compared.clear()  # another dataset's categories: not the published experiment either
         reasons.append(f"trained {other_categories}, the published numbers are COCO's")
+    if "box_ap" in compared and eval_images is not None and eval_images != COCO_VAL_IMAGES:
+        compared.discard("box_ap")  # Mem and fps do not depend on how many images were scored
+        reasons.append(f"box AP over {eval_images:,} images; the published box AP is over the {COCO_VAL_IMAGES:,} of COCO val2017")
     per_metric: dict[str, Verdict] = {}
     for metric in METRICS:
         if metric.key not in compared:
@@ -180,20 +189,14 @@ def other_categories_of(trained: Sequence[str], recipe: Sequence[str]) -> str | 
     return f"{len(trained)} categories of its own ({few}), not the recipe's {len(recipe)}"
 
 
-# COCO val2017: the published box AP is over all of it.
-COCO_VAL_IMAGES = 5000
-
-
 def checkpoint_verdict(*, box_ap: float, images: int, eval_split: str, published: Published,
                        tolerances: PublishedTolerances) -> tuple[Verdict, list[str]]:
     """`harness verify`: a checkpoint's box AP against its published row, through `judge`. Only an
     evaluation over all of COCO val2017 is the published experiment."""
-    scope = Scope(metrics=frozenset({"box_ap"}))
-    if images != COCO_VAL_IMAGES:
-        scope = Scope(metrics=frozenset(),
-                      reason=f"evaluated on {images:,} images; the published box AP is over the {COCO_VAL_IMAGES:,} of COCO val2017")
-    verdict, _per_metric, reasons = judge(scope=scope, measured={"box_ap": Measured(mean=box_ap, low=box_ap, high=box_ap)},
-                                          eval_split=eval_split, published=published, tolerances=tolerances)
+    verdict, _per_metric, reasons = judge(scope=Scope(metrics=frozenset({"box_ap"})),
+                                          measured={"box_ap": Measured(mean=box_ap, low=box_ap, high=box_ap)},
+                                          eval_split=eval_split, published=published, tolerances=tolerances,
+                                          eval_images=images)  # fmt: skip
     return verdict, reasons
 
 

@@ -26,7 +26,7 @@ SCHEMA_KEYS = {
     "epochs", "train_time_s", "eval_time_s", "final_loss", "first_loss", "world_size", "images_per_gpu",
     "total_batch", "lr", "base_lr", "lr_rescaled", "resumed_from_iter", "eval_split", "device", "device_class",
     "deviations", "failed_at_iter", "loss_terms", "train_images_per_s", "s_per_iter", "threads", "phase_s",
-    "framework_mem_gb",
+    "framework_mem_gb", "eval_images",
 }  # fmt: skip
 COCO_KEYS = {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l", "bbox_AR@100",
              "bbox_AR@300", "bbox_AR@1000", "bbox_AR_s@1000", "bbox_AR_m@1000", "bbox_AR_l@1000"}  # ARCHITECTURE.md
@@ -85,7 +85,7 @@ def test_cell_writes_schema_log_checkpoints_and_reruns_from_the_final_checkpoint
     assert m["iters"] == 12 and m["epochs"] == 3.0  # 8 images / 2 per batch = 4 iterations per epoch
     assert m["world_size"] == 1 and m["images_per_gpu"] == 2 and m["total_batch"] == 2
     assert m["base_lr"] == 0.02 and m["lr"] == pytest.approx(0.0025) and m["lr_rescaled"] is True
-    assert m["eval_split"] == "val2017" and m["resumed_from_iter"] == 0
+    assert m["eval_split"] == "val2017" and m["eval_images"] == 4 and m["resumed_from_iter"] == 0
     assert m["mem_kind"] == "cpu_peak_rss" and m["mem_gb"] > 0
     # Where the wall time went: every phase in order, start-up (interpreter + imports) included.
     assert list(m["phase_s"]) == ["startup", "build", "data", "train", "eval", "fps"]

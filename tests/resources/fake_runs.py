@@ -36,6 +36,7 @@ def write_run(
     checkpoint: bool = False,
     framework_mem_gb: float | None = None,
     categories: list[str] | None = None,
+    eval_images: int | None = None,
 ) -> Path:
     """Write one fake cell folder under `runs_dir` and return it."""
     folder = Path(runs_dir) / MATRIX / profile / cell
@@ -49,7 +50,7 @@ def write_run(
         "fps_precision": "fp32", "iters": 6 if profile == "smoke" else 90000, "epochs": 0.75 if profile == "smoke" else 12.0,
         "train_time_s": 1.0, "eval_time_s": 1.0, "final_loss": 1.0, "first_loss": 2.0, "world_size": 1,
         "images_per_gpu": 2, "total_batch": 2, "lr": 0.0025, "base_lr": 0.02, "lr_rescaled": True,
-        "resumed_from_iter": 0, "eval_split": eval_split, "device": device, "device_class": device_class,
+        "resumed_from_iter": 0, "eval_split": eval_split, "eval_images": eval_images, "device": device, "device_class": device_class,
         "deviations": deviations or [], "failed_at_iter": None, "loss_terms": None, "framework_mem_gb": framework_mem_gb,
     }
     result = {

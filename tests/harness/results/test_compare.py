@@ -108,6 +108,19 @@ def test_a_dataset_s_own_categories_are_not_comparable(matrix: MatrixSpec, tmp_p
     assert coco["ap_verdict"] == "pass" and not isinstance(coco["other_categories"], str)  # COCO's 80, in another label order
 
 
+@pytest.mark.parametrize(("images", "ap_verdict"), [(5000, "pass"), (500, "not comparable"), (None, "pass")])
+def test_box_ap_over_part_of_val2017_is_not_compared(matrix: MatrixSpec, tmp_path: Path, images: int | None,
+                                                     ap_verdict: str) -> None:
+    """A val2017 of 500 images (a user's subset) is not the published experiment; Mem is still judged
+    (None: a run recorded before the count was, judged as before)."""
+    write_run(tmp_path, R50, box_ap=37.4, mem_gb=4.5, eval_images=images)
+    row = _row(matrix, tmp_path)
+    assert row["ap_verdict"] == ap_verdict and row["mem_verdict"] == "fail" and row["verdict"] == "fail"
+    if ap_verdict == "not comparable":
+        assert "box AP over 500 images; the published box AP is over the 5,000 of COCO val2017" in row["reason"]
+        assert math.isnan(row["delta_box_ap"])
+
+
 def test_not_run_and_failed_cells(matrix: MatrixSpec, tmp_path: Path) -> None:
     write_run(tmp_path, R50, status="failed", error="RuntimeError: CUDA out of memory")
     write_run(tmp_path, R50, seed=1, box_ap=37.4)
