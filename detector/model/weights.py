@@ -95,7 +95,7 @@ def read_checkpoint(path: str | Path) -> Any:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not _is_refusal(exc):  # truncated zip, random bytes, not a pickle at all, ...
-            raise WeightsError(f"{p}: cannot be read as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from None
+            raise WeightsError(f"{p}: cannot be read as a PyTorch checkpoint: {_damage_reason(p, exc)}") from None
         if "numpy" not in str(exc):
             raise WeightsError(f"{p}: refused by weights_only loading: {_unpickle_reason(exc)}") from None
     try:
@@ -111,6 +111,27 @@ def _is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and (
         "Unsupported global" in text or "unsupported GLOBAL" in text
     )
+
+
+def _damage_reason(path: Path, exc: BaseException) -> str:
+    """What is wrong with a file torch cannot read at all, from its first bytes. torch's own text is
+    cut at its advice: for random bytes it too suggests `weights_only=False`, which is never right."""
+    import zipfile
+
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if not head:
+        return "the file is empty"
+    text = str(exc).split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0]
+    detail = next((line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line), "")
+    detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if head.startswith(b"PK\x03\x04"):  # a zip's local file header: torch.save's format
+        if not zipfile.is_zipfile(path):
+            return "a zip archive (torch.save's format) cut short: it has no end-of-archive record (an interrupted copy?)"
+        return f"a zip archive (torch.save's format) that torch cannot read, damaged or not a checkpoint ({detail})"
+    if head[:1] == b"\x80":  # the PROTO opcode: a pickle, as torch's legacy format starts
+        return f"a pickle (torch's legacy format) that is damaged or truncated ({detail})"
+    return f"neither a zip archive (torch.save's format) nor a pickle: it starts with {head!r}"
 
 
 def _unpickle_reason(exc: BaseException) -> str:

@@ -365,6 +365,24 @@ def test_unreadable_files(tmp_path: Path) -> None:
         read_checkpoint(pickled)
 
 
+@pytest.mark.parametrize(("legacy", "keep", "words"), [
+    (False, 0.5, "a zip archive (torch.save's format) cut short"),
+    (True, 0.5, "a pickle (torch's legacy format) that is damaged or truncated"),
+    (False, 0.0, "the file is empty"),
+    (None, 0.0, "neither a zip archive (torch.save's format) nor a pickle: it starts with b'garbage"),
+])
+def test_a_damaged_file_says_what_it_is_and_never_advises_weights_only_false(
+        tmp_path: Path, legacy: bool | None, keep: float, words: str) -> None:
+    """torch's own text for a file it cannot read at all suggests weights_only=False even for random bytes."""
+    whole = save({"state_dict": {"w": torch.zeros(4096)}}, tmp_path / "whole.pth", legacy=bool(legacy)).read_bytes()
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"garbage\n" * 4 if legacy is None else whole[: int(len(whole) * keep)])
+    with pytest.raises(WeightsError) as info:
+        read_checkpoint(damaged)
+    assert f"damaged.pth: cannot be read as a PyTorch checkpoint: {words}" in str(info.value)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # ImageNet backbones
 # --------------------------------------------------------------------------------------------------
