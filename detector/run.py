@@ -182,10 +182,11 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = solver.build_optimizer(model, cfg.schedule, lr=schedule.lr)
     scaler = solver.make_scaler(amp, cfg.loss_scale)
-    resume = None
-    latest = ckpt.latest_checkpoint(cell_dir / "checkpoints")
-    if latest is not None:
-        resume = ckpt.load_checkpoint(latest)
+    resume, fallback = ckpt.resume_checkpoint(cell_dir / "checkpoints")
+    if fallback:
+        deviations.append(fallback)
+        if rank == 0:
+            print(f"detector.run: {fallback}", file=sys.stderr, flush=True)
     if rank == 0:  # a killed run may have logged past its last checkpoint
         engine.truncate_log(cell_dir / "log.jsonl", resume["iteration"] if resume else 0)
 

@@ -144,6 +144,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def resume_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest training checkpoint of `ckpt_dir` that can be read, and a note when it is not `latest.pt`.
+
+    Writes are atomic, but a file can still be damaged after the fact (a copy cut short, a bad disk):
+    then the run resumes from the newest `iter_<n>.pt` that reads, records why, and never deletes the
+    damaged file. None when there is no checkpoint (a fresh start); `ValueError` naming every file
+    when there are checkpoints and none reads (silently starting over would discard the training done).
+    """
+    latest = latest_checkpoint(ckpt_dir)
+    candidates = ([latest] if latest is not None else []) + [ckpt_dir / f"iter_{n}.pt" for n in reversed(checkpoint_iters(ckpt_dir))]
+    failures: list[str] = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except Exception as exc:  # any damage: a truncated zip, a bad pickle, a foreign dict
+            failures.append(f"{path.name}: {_first_line(exc)}")
+            continue
+        note = f"resumed from {path.name} (iteration {state['iteration']}): {'; '.join(failures)}" if failures else None
+        return state, note
+    if failures:
+        raise ValueError(f"{ckpt_dir}: no training checkpoint can be read ({'; '.join(failures)}); move the folder "
+                         "away to train this cell from the start")
+    return None, None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
 def training_state(
     *,
     model: torch.nn.Module,
@@ -185,6 +215,7 @@ __all__ = [
     "checkpoint_iters",
     "latest_checkpoint",
     "load_checkpoint",
+    "resume_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

@@ -52,6 +52,33 @@ def test_save_keeps_last_two_and_latest_points_at_newest(tmp_path: Path) -> None
     assert latest["scaler"] is not None and torch.equal(latest["data"]["gen"], torch.ones(2))
 
 
+def _damage(path: Path) -> None:
+    """Cut a file short in place under a new inode (latest.pt is a hard link of the newest iter_<n>.pt)."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint_and_says_so(tmp_path: Path) -> None:
+    model, ckdir = nn.Linear(2, 2), tmp_path / "checkpoints"
+    assert ckpt.resume_checkpoint(ckdir) == (None, None)  # nothing saved: a fresh start
+    for it in (4, 8):
+        ckpt.save_checkpoint(ckdir, _state(model, it), iteration=it)
+    state, note = ckpt.resume_checkpoint(ckdir)
+    assert state is not None and state["iteration"] == 8 and note is None
+    _damage(ckdir / "latest.pt")
+    state, note = ckpt.resume_checkpoint(ckdir)
+    assert state is not None and state["iteration"] == 8  # iter_8.pt, the same checkpoint, still reads
+    assert note is not None and note.startswith("resumed from iter_8.pt (iteration 8): latest.pt: ")
+    _damage(ckdir / "iter_8.pt")
+    state, note = ckpt.resume_checkpoint(ckdir)
+    assert state is not None and state["iteration"] == 4 and "latest.pt: " in note and "iter_8.pt: " in note
+    _damage(ckdir / "iter_4.pt")
+    with pytest.raises(ValueError, match=r"no training checkpoint can be read \(latest.pt: .*iter_8.pt: .*iter_4.pt: .*move the folder"):
+        ckpt.resume_checkpoint(ckdir)
+    assert sorted(p.name for p in ckdir.iterdir()) == ["iter_4.pt", "iter_8.pt", "latest.pt"]  # nothing deleted
+
+
 def test_latest_checkpoint_ignores_and_removes_stale_temporary_files(tmp_path: Path) -> None:
     ckdir = tmp_path / "checkpoints"
     assert ckpt.latest_checkpoint(ckdir) is None
