@@ -39,14 +39,17 @@ QUIRKS: dict[str, str] = {
 
 
 def dataset_facts(runs: pd.DataFrame) -> list[dict[str, Any]]:
-    """The data roots the runs used: path, COCO `info.description`, whether synthetic, eval splits."""
+    """The data roots the runs used: path, COCO `info.description`, whether synthetic, eval splits, and
+    the categories trained where they are not the recipe's."""
     facts = []
     ran = runs[runs["status"] != "not run"]
     for root in sorted({str(r) for r in ran["data_root"].dropna()}):
         description = _coco_description(Path(root) / "annotations" / "instances_train2017.json")
         splits = sorted({str(s) for s in ran.loc[ran["data_root"] == root, "eval_split"].dropna()})
+        here = ran[ran["data_root"] == root]
+        others = sorted({str(c) for c in here["other_categories"].dropna()}) if "other_categories" in here else []
         facts.append({"root": root, "description": description, "synthetic": "synthetic COCO-style set" in description,
-                      "eval_splits": splits})
+                      "eval_splits": splits, "other_categories": others})
     return facts
 
 
@@ -111,7 +114,8 @@ def dataset_text(runs: pd.DataFrame, prof: Profile) -> str:
             where = "**evaluated on the train split** (the root has no val2017)"
         else:
             where = f"evaluated on {', '.join(splits) or 'nothing'} (per run in results.csv)"
-        parts.append(f"{kind} `{display_path(Path(f['root']))}`{desc}; {where}")
+        own = f"; **trained {' / '.join(f['other_categories'])}: nothing compared**" if f.get("other_categories") else ""
+        parts.append(f"{kind} `{display_path(Path(f['root']))}`{desc}; {where}{own}")
     return "; ".join(parts)
 
 

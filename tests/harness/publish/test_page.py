@@ -248,3 +248,15 @@ def test_hardware_page_says_what_torchvision_used_beside_ours(matrix: MatrixSpec
     bare = tmp_path / "bare"
     write_run(bare, "faster-rcnn_r50_fpn_1x_coco", profile="hardware", mem_gb=2.5, device_class="H200")
     assert "Framework" not in render_report(gather(matrix, "hardware", bare))
+
+
+def test_a_dataset_s_own_categories_are_said_on_the_dataset_line(matrix: MatrixSpec, tmp_path: Path) -> None:
+    runs, root = tmp_path / "runs", str(write_synthetic_root(tmp_path / "data"))
+    write_run(runs, R50, data_root=root, categories=["widget", "gizmo", "sprocket"])
+    text = render_report(gather(matrix, "full", runs))
+    line = next(x for x in text.splitlines() if x.startswith("- **Dataset**"))
+    assert line.endswith("**trained 3 categories of its own (widget, gizmo, sprocket), not the recipe's 80: nothing compared**")
+    assert "1 not comparable" in text
+    write_run(runs, R50, data_root=root)  # the recipe's categories: the line says nothing of them
+    line = next(x for x in render_report(gather(matrix, "full", runs)).splitlines() if x.startswith("- **Dataset**"))
+    assert "categories" not in line
