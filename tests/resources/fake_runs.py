@@ -90,3 +90,15 @@ def write_synthetic_root(root: Path) -> Path:
     ann.parent.mkdir(parents=True, exist_ok=True)
     ann.write_text(json.dumps({"info": {"description": "detector.synth synthetic COCO-style set"}, "images": []}))
     return Path(root)
+
+
+def empty_coco_root(tmp_path: Path, *, val: bool) -> Path:
+    """The COCO-2017 layout with empty files: what the root checks look at, nothing more."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    (root / "annotations" / "instances_train2017.json").write_text("{}")
+    if val:
+        (root / "val2017").mkdir()
+        (root / "annotations" / "instances_val2017.json").write_text("{}")
+    return root

@@ -7,21 +7,11 @@ import pytest
 from harness.errors import UserError
 from harness.execute import data_root
 from harness.matrix.parse import load_matrix
-
-
-def _coco_root(tmp_path: Path, *, val: bool) -> Path:
-    root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    (root / "train2017").mkdir()
-    (root / "annotations" / "instances_train2017.json").write_text("{}")
-    if val:
-        (root / "val2017").mkdir()
-        (root / "annotations" / "instances_val2017.json").write_text("{}")
-    return root
+from tests.resources.fake_runs import empty_coco_root
 
 
 def test_check_coco_root_names_what_is_missing(tmp_path: Path) -> None:
-    root = _coco_root(tmp_path, val=False)
+    root = empty_coco_root(tmp_path, val=False)
     assert data_root.check_coco_root(root, "--data") == root.resolve()
     (root / "train2017").rmdir()
     with pytest.raises(UserError, match=r"--data .*coco: missing train2017/"):
@@ -45,5 +35,5 @@ def test_dataset_root_choices(tmp_path: Path) -> None:
     full = matrix.profile("full")
     with pytest.raises(UserError, match="--data"):
         data_root.dataset_root(matrix, full, data=None, runs_dir=tmp_path, seed=0, log=print)
-    root = _coco_root(tmp_path, val=True)
+    root = empty_coco_root(tmp_path, val=True)
     assert data_root.dataset_root(matrix, full, data=str(root), runs_dir=tmp_path, seed=0, log=print) == root.resolve()

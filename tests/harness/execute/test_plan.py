@@ -9,25 +9,15 @@ from detector.recipes import resolve
 from harness.errors import UserError
 from harness.execute import plan as planning
 from harness.matrix.parse import load_matrix
+from tests.resources.fake_runs import empty_coco_root
 
 R50 = "faster-rcnn_r50_fpn_1x_coco"
 C4 = "faster-rcnn_r50-caffe_c4-1x_coco"
 
 
-def _coco_root(tmp_path: Path, *, val: bool) -> Path:
-    root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    (root / "train2017").mkdir()
-    (root / "annotations" / "instances_train2017.json").write_text("{}")
-    if val:
-        (root / "val2017").mkdir()
-        (root / "annotations" / "instances_val2017.json").write_text("{}")
-    return root
-
-
 def test_run_config_from_profile(tmp_path: Path) -> None:
     smoke = load_matrix("faster_rcnn").profile("smoke")
-    root = _coco_root(tmp_path, val=False)
+    root = empty_coco_root(tmp_path, val=False)
     run = planning.run_config(smoke, data_root=root, device="cpu", seed=4)
     assert isinstance(run, RunConfig)
     assert run.val_ann is None and run.val_images is None  # no val split: evaluation uses train
@@ -38,7 +28,7 @@ def test_run_config_from_profile(tmp_path: Path) -> None:
     # The smoke profile trains a few iterations: every one is logged, so its loss curve has points.
     assert run.log_interval == smoke.budget.log_interval == 1
     assert run.checkpoint_interval is None  # no checkpoints: a smoke cell re-runs in seconds
-    with_val = planning.run_config(smoke, data_root=_coco_root(tmp_path / "v", val=True), device="cpu", seed=0)
+    with_val = planning.run_config(smoke, data_root=empty_coco_root(tmp_path / "v", val=True), device="cpu", seed=0)
     assert with_val.val_ann == "annotations/instances_val2017.json" and with_val.val_images == "val2017"
     assert RunConfig.from_dict(run.to_dict()) == run
 
