@@ -188,11 +188,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     matrix = load_matrix(args.matrix)
     require_runs(matrix, args.profile, runs_dir_of(args))
+    if args.against:
+        return _compare_against(args, matrix)
     df = compare(matrix, args.profile, runs_dir_of(args))
     if args.format == "json":
         print(json.dumps(comparison_records(df), indent=2))
     else:
         print(format_comparison(df))
+    return comparison_exit_code(df)
+
+
+def _compare_against(args: argparse.Namespace, matrix: Any) -> int:
+    from harness.execute.plan import runs_dir_of
+    from harness.results.against import compare_against, format_against, sides_text
+    from harness.results.collect import require_runs
+    from harness.results.compare import comparison_exit_code, comparison_records
+
+    against = Path(args.against).expanduser().resolve()
+    require_runs(matrix, args.profile, against, flag="--against")
+    df = compare_against(matrix, args.profile, runs_dir_of(args), against)
+    if args.format == "json":
+        print(json.dumps(comparison_records(df), indent=2))
+    else:
+        print(format_against(df, sides_text(matrix, args.profile, runs_dir_of(args), against)))
     return comparison_exit_code(df)
 
 

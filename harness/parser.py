@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reports-dir", metavar="DIR", help=REPORTS_HELP)
         if name == "compare":
             p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
+            p.add_argument("--against", metavar="DIR", help="another runs root of the same profile (earlier runs: "
+                           "another torch, GPU or commit) judged in place of the published table")
 
     p = sub.add_parser("parity", help="each cell against MMDetection 3.3.0's own model (needs the parity group: nox -s parity)")
     p.add_argument("matrix", metavar="MATRIX", help=MATRIX_HELP)

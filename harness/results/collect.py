@@ -41,13 +41,13 @@ RESULTS_CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
-def require_runs(matrix: MatrixSpec, profile: str, runs_dir: Path) -> None:
+def require_runs(matrix: MatrixSpec, profile: str, runs_dir: Path, *, flag: str = "--runs-dir") -> None:
     """UserError unless `runs_dir` holds at least one run of (matrix, profile): a page, table or
     estimate of nothing but "not run" rows is almost always a mistyped --runs-dir or --profile."""
     matrix.profile(profile)
     if next(iter_results(Path(runs_dir), matrix.name, profile), None) is None:
         where = profile_dir(Path(runs_dir), matrix.name, profile)
-        raise UserError(f"--runs-dir {runs_dir}: no run of {matrix.name} / {profile} (no result.json under {where}); "
+        raise UserError(f"{flag} {runs_dir}: no run of {matrix.name} / {profile} (no result.json under {where}); "
                         f"run it first (`harness run {matrix.name} --profile {profile}`) or name the runs root that holds it")
 
 

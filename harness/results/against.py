@@ -1,0 +1,212 @@
+"""`harness compare MATRIX --against OTHER_RUNS`: two sets of runs of one profile, cell by cell.
+
+The question after a library upgrade, a new driver, another GPU or a code change is not "does the
+published table hold" but "did my numbers move": the earlier runs (`--against`) take the place of the
+published table and the same rules judge the difference, with the matrix's tolerances:
+
+- box AP: the difference of the means, with a 95% Welch interval where a side has several seeds, in
+  the AP bands around 0 (`harness.metrics.ap_verdict`); only between runs scored on the same split,
+  the same number of images and the same categories.
+- Mem: one-sided, as against the published Mem: more than `mem_rel` above the earlier runs fails; only
+  between the same kind of memory (CUDA `max_memory_allocated` or CPU peak RSS).
+- fps: within `FPS_REL` passes, beyond warns (speed is indicative); only on the same device class.
+- training images/s: shown beside them, not judged (data loading and the host weigh in).
+
+A cell run on one side only is "not run"; a failed run on the compared side fails the cell.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.matrix.spec import MatrixSpec
+from harness.metrics import EPS, FPS_REL, Verdict, ap_verdict, finite
+from harness.results.collect import collect
+from harness.results.verdicts import VERDICTS, combine, t_critical
+
+AGAINST_COLUMNS: tuple[str, ...] = (
+    "name", "status", "n_seeds", "n_seeds_against", "box_ap", "against_box_ap", "delta_box_ap", "delta_low",
+    "delta_high", "ap_verdict", "mem_gb", "against_mem_gb", "delta_mem_rel", "mem_verdict", "fps", "against_fps",
+    "delta_fps_rel", "fps_verdict", "train_images_per_s", "against_train_images_per_s", "verdict", "reason",
+)  # fmt: skip
+# What is said of each side in the header: what changed between them is usually why the user compares.
+PROVENANCE = (("torch_version", "torch"), ("torchvision_version", "torchvision"), ("device", "device"),
+              ("git_commit", "commit"))  # fmt: skip
+
+
+def compare_against(matrix: MatrixSpec, profile: str, runs_dir: Path, against: Path) -> pd.DataFrame:
+    """One row per matrix cell (matrix order) with `AGAINST_COLUMNS`: `runs_dir`'s runs judged against `against`'s."""
+    now, then = collect(matrix, profile, runs_dir), collect(matrix, profile, against)
+    tol = matrix.tolerances
+    rows = [_cell(now[now["name"] == c.name], then[then["name"] == c.name], c.name, tol.box_ap_pass,
+                  tol.box_ap_warn, tol.mem_rel) for c in matrix.cells]  # fmt: skip
+    return pd.DataFrame(rows, columns=list(AGAINST_COLUMNS))
+
+
+def _cell(now: pd.DataFrame, then: pd.DataFrame, name: str, ap_pass: float, ap_warn: float, mem_rel: float) -> dict[str, Any]:
+    ok, ref = now[now["status"] == "ok"], then[then["status"] == "ok"]
+    failed = now[~now["status"].isin(["ok", "skipped", "not run"])]
+    out: dict[str, Any] = {"name": name, "n_seeds": len(ok), "n_seeds_against": len(ref)}
+    for column in ("box_ap", "mem_gb", "fps", "train_images_per_s"):
+        out[column], out[f"against_{column}"] = _mean(ok[column]), _mean(ref[column])
+    if len(failed):
+        out.update(status="failed", verdict="fail", reason=f"{len(failed)} run(s) failed: {_last_line(failed['error'].iloc[-1])}")
+        return out
+    if not len(ok) or not len(ref):
+        where = "here" if not len(ok) else "in --against"
+        out.update(status="not run" if not len(ok) else "ok", verdict="not run", reason=f"no finished run {where}")
+        return out
+    out["status"] = "ok"
+    verdicts: dict[str, Verdict] = {}
+    reasons: list[str] = []
+    verdicts["box_ap"] = _ap(ok, ref, out, ap_pass, ap_warn, reasons)
+    verdicts["mem"] = _mem(ok, ref, out, mem_rel, reasons)
+    verdicts["fps"] = _fps(ok, ref, out, reasons)
+    out.update(ap_verdict=verdicts["box_ap"], mem_verdict=verdicts["mem"], fps_verdict=verdicts["fps"])
+    out.update(verdict=combine(verdicts.values()), reason="; ".join(reasons))
+    return out
+
+
+def _ap(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], ap_pass: float, ap_warn: float, reasons: list[str]) -> Verdict:
+    a, b = _values(ok["box_ap"]), _values(ref["box_ap"])
+    if not a or not b:
+        reasons.append("no box AP on " + ("this side" if not a else "the --against side"))
+        return "not comparable"
+    for column, what in (("eval_split", "split"), ("eval_images", "number of images"), ("other_categories", "categories")):
+        mine, theirs = _kinds(ok, column), _kinds(ref, column)
+        if mine != theirs:
+            reasons.append(f"box AP scored on another {what} ({_show(mine)} here, {_show(theirs)} in --against)")
+            return "not comparable"
+    delta, half = _welch(a, b)
+    out.update(delta_box_ap=round(delta, 3), delta_low=delta - half, delta_high=delta + half)
+    verdict = ap_verdict(delta - half, delta + half, 0.0, pass_band=ap_pass, warn_band=ap_warn)
+    if verdict != "pass":
+        interval = f" (95% interval [{delta - half:+.2f}, {delta + half:+.2f}])" if half else ""
+        reasons.append(f"box AP moved by {delta:+.2f}{interval}, more than {ap_pass}")
+    return verdict
+
+
+def _mem(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], mem_rel: float, reasons: list[str]) -> Verdict:
+    a, b = out["mem_gb"], out["against_mem_gb"]
+    if a is None or b is None or b <= 0:
+        return "not comparable"
+    kinds = _kinds(ok, "mem_kind") | _kinds(ref, "mem_kind")
+    if len(kinds) != 1:
+        reasons.append(f"Mem of different kinds ({_show(kinds)})")
+        return "not comparable"
+    out["delta_mem_rel"] = d = (a - b) / b
+    if d <= mem_rel + EPS:  # one-sided, as against the published Mem: using less is no regression
+        return "pass"
+    reasons.append(f"Mem {d:+.0%} (more than {mem_rel:.0%} above --against)")
+    return "fail"
+
+
+def _fps(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], reasons: list[str]) -> Verdict:
+    a, b = out["fps"], out["against_fps"]
+    if a is None or b is None or b <= 0:
+        return "not comparable"
+    classes = _kinds(ok, "device_class") | _kinds(ref, "device_class")
+    if len(classes) != 1:
+        reasons.append(f"fps on different devices ({_show(classes)})")
+        return "not comparable"
+    out["delta_fps_rel"] = d = (a - b) / b
+    if abs(d) <= FPS_REL + EPS:
+        return "pass"
+    reasons.append(f"fps {d:+.0%} (indicative, tolerance {FPS_REL:.0%})")
+    return "warn"
+
+
+def _welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Difference of the means and the half-width of its 95% Welch interval (0 when no side has two
+    seeds: a single run on each side is judged by its point difference, as against the published table)."""
+    delta = sum(a) / len(a) - sum(b) / len(b)
+    parts = [_var(x) / len(x) for x in (a, b) if len(x) > 1]
+    se2 = sum(parts)
+    if not parts or se2 <= 0:
+        return delta, 0.0
+    dof = se2**2 / sum(p**2 / (len(x) - 1) for p, x in zip(parts, [x for x in (a, b) if len(x) > 1]))  # Welch-Satterthwaite
+    return delta, t_critical(max(1, math.floor(dof))) * math.sqrt(se2)
+
+
+def _var(x: list[float]) -> float:
+    m = sum(x) / len(x)
+    return sum((v - m) ** 2 for v in x) / (len(x) - 1)
+
+
+def _values(series: pd.Series) -> list[float]:
+    return [float(v) for v in series if finite(v)]
+
+
+def _mean(series: pd.Series) -> float | None:
+    values = _values(series)
+    return sum(values) / len(values) if values else None
+
+
+def _kinds(rows: pd.DataFrame, column: str) -> set[str]:
+    """The distinct values of `column` as text (an image count read back as 500.0 shows as 500)."""
+    values = rows[column].dropna() if column in rows else ()
+    return {str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values}
+
+
+def _show(kinds: set[str]) -> str:
+    return ", ".join(sorted(kinds)) or "none recorded"
+
+
+def _last_line(text: Any) -> str:
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no error recorded"
+
+
+def sides_text(matrix: MatrixSpec, profile: str, runs_dir: Path, against: Path) -> list[str]:
+    """Two header lines: what each side ran with (torch, torchvision, device, commit)."""
+    lines = []
+    for label, root in (("now", runs_dir), ("against", against)):
+        ran = collect(matrix, profile, root)
+        ran = ran[ran["status"] == "ok"]
+        facts = [f"{word} {_show({str(v)[:12] if key == 'git_commit' else str(v) for v in ran[key].dropna()})}"
+                 for key, word in PROVENANCE]  # fmt: skip
+        lines.append(f"{label:8s} {root}: " + ", ".join(facts))
+    return lines
+
+
+def format_against(df: pd.DataFrame, header: list[str]) -> str:
+    """A fixed-width terminal table of `compare_against`, the two sides first and a count of verdicts last."""
+    rows: list[tuple[str, ...]] = [("cell", "seeds", "box AP", "delta", "Mem (GB)", "fps", "train img/s", "verdict", "reason")]
+    for rec in df.to_dict(orient="records"):
+        rows.append((
+            rec["name"], f"{rec['n_seeds']}/{rec['n_seeds_against']}",
+            f"{_num(rec['against_box_ap'])} -> {_num(rec['box_ap'])}", _signed(rec["delta_box_ap"]),
+            f"{_num(rec['against_mem_gb'], 2)} -> {_num(rec['mem_gb'], 2)}{_pct(rec['delta_mem_rel'])}",
+            f"{_num(rec['against_fps'])} -> {_num(rec['fps'])}{_pct(rec['delta_fps_rel'])}",
+            f"{_num(rec['against_train_images_per_s'])} -> {_num(rec['train_images_per_s'])}",
+            str(rec["verdict"]), _clip(rec["reason"], 90),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    counts = ", ".join(f"{int((df['verdict'] == v).sum())} {v}" for v in VERDICTS)
+    return "\n".join([*header, "", *table, "", f"{len(df)} cells (seeds here/against; against -> now): {counts}"])
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    return f"{float(x):.{digits}f}" if finite(x) else "-"
+
+
+def _signed(x: Any) -> str:
+    return f"{float(x):+.2f}" if finite(x) else "-"
+
+
+def _pct(x: Any) -> str:
+    return f" ({float(x):+.0%})" if finite(x) else ""
+
+
+def _clip(text: Any, n: int) -> str:
+    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+__all__ = ["AGAINST_COLUMNS", "compare_against", "format_against", "sides_text"]
