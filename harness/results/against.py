@@ -124,12 +124,12 @@ def _welch(a: list[float], b: list[float]) -> tuple[float, float]:
     """Difference of the means and the half-width of its 95% Welch interval (0 when no side has two
     seeds: a single run on each side is judged by its point difference, as against the published table)."""
     delta = sum(a) / len(a) - sum(b) / len(b)
-    parts = [_var(x) / len(x) for x in (a, b) if len(x) > 1]
-    se2 = sum(parts)
-    if not parts or se2 <= 0:
+    sides = [(_var(x) / len(x), len(x) - 1) for x in (a, b) if len(x) > 1]  # (variance of the mean, dof)
+    se2 = sum(v for v, _ in sides)
+    if se2 <= 0:
         return delta, 0.0
-    dof = se2**2 / sum(p**2 / (len(x) - 1) for p, x in zip(parts, [x for x in (a, b) if len(x) > 1]))  # Welch-Satterthwaite
-    return delta, t_critical(max(1, math.floor(dof))) * math.sqrt(se2)
+    dof = se2**2 / sum(v**2 / d for v, d in sides)  # Welch-Satterthwaite
+    return delta, t_critical(max(1, math.floor(dof + 1e-9))) * math.sqrt(se2)  # floor: the conservative df
 
 
 def _var(x: list[float]) -> float:
