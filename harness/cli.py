@@ -24,6 +24,7 @@ from detector.api import USER_ERRORS
 from harness.errors import UserError
 from harness.metrics import METRICS
 from harness.parser import USAGE, build_parser
+from harness.text import num, table
 
 OK, FAILED, INTERRUPTED = 0, 1, 130
 # --------------------------------------------------------------------------------------------------
@@ -50,9 +51,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         return OK
     rows = [("cell", "section", *(m.label for m in METRICS), "alias")]
     for c in cells:
-        numbers = (_num(getattr(c.published, m.column)) for m in METRICS)
+        numbers = (num(getattr(c.published, m.column)) for m in METRICS)
         rows.append((c.name, c.section, *numbers, (c.aliases or ("",))[0]))
-    print(_table(rows))
+    print("\n".join(table(rows)))
     print(f"\n{len(records)} cells in {matrix.name}" + (f", profile {args.profile}" if args.profile else ""))
     return OK
 
@@ -178,39 +179,21 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.execute.plan import runs_dir_of
     from harness.matrix.parse import load_matrix
-    from harness.results.collect import require_runs
-    from harness.results.compare import (
-        compare,
-        comparison_exit_code,
-        comparison_records,
-        format_comparison,
-    )
-
-    matrix = load_matrix(args.matrix)
-    require_runs(matrix, args.profile, runs_dir_of(args))
-    if args.against:
-        return _compare_against(args, matrix)
-    df = compare(matrix, args.profile, runs_dir_of(args))
-    if args.format == "json":
-        print(json.dumps(comparison_records(df), indent=2))
-    else:
-        print(format_comparison(df))
-    return comparison_exit_code(df)
-
-
-def _compare_against(args: argparse.Namespace, matrix: Any) -> int:
-    from harness.execute.plan import runs_dir_of
     from harness.results.against import compare_against, format_against, sides_text
     from harness.results.collect import require_runs
-    from harness.results.compare import comparison_exit_code, comparison_records
+    from harness.results.compare import compare, comparison_exit_code, comparison_records, format_comparison
 
-    against = Path(args.against).expanduser().resolve()
-    require_runs(matrix, args.profile, against, flag="--against")
-    df = compare_against(matrix, args.profile, runs_dir_of(args), against)
-    if args.format == "json":
-        print(json.dumps(comparison_records(df), indent=2))
+    matrix, runs = load_matrix(args.matrix), runs_dir_of(args)
+    require_runs(matrix, args.profile, runs)
+    if args.against:  # the user's earlier runs in the published table's place
+        against = Path(args.against).expanduser().resolve()
+        require_runs(matrix, args.profile, against, flag="--against")
+        df = compare_against(matrix, args.profile, runs, against)
+        text = format_against(df, sides_text(matrix, args.profile, runs, against))
     else:
-        print(format_against(df, sides_text(matrix, args.profile, runs_dir_of(args), against)))
+        df = compare(matrix, args.profile, runs)
+        text = format_comparison(df)
+    print(json.dumps(comparison_records(df), indent=2) if args.format == "json" else text)
     return comparison_exit_code(df)
 
 
@@ -238,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(_jsonable(stats), indent=2))
     else:
-        print(_table([("metric", "value"), *((k, f"{float(v):.3f}") for k, v in stats.items())]))
+        print("\n".join(table([("metric", "value"), *((k, f"{float(v):.3f}") for k, v in stats.items())])))
     return OK
 
 
@@ -378,17 +361,6 @@ def _existing(path: str, flag: str) -> Path:
     return p
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _jsonable(obj: Any) -> Any:
     """Tuples -> lists, numpy / torch scalars -> Python numbers, Paths -> str (for json.dumps)."""
     return json.loads(json.dumps(obj, default=_default))
@@ -409,7 +381,7 @@ def _print_mapping(info: dict[str, Any], fmt: str) -> None:
         print(json.dumps(info, indent=2))
     else:
         rows = [(str(k), json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in info.items()]
-        print(_table([("key", "value"), *rows]))
+        print("\n".join(table([("key", "value"), *rows])))
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.regression.baselines import Finding, RegressionSpec, compare_metrics
+from harness.text import table
 
 
 @dataclass(kw_only=True)
@@ -164,12 +165,8 @@ def print_judgement(verdict: Judgement, spec: RegressionSpec, checks: list[Any],
         counts = (str(len(v.findings)), str(len(v.moved))) if v.findings else ("-", "-")
         wall = f"{v.wall_s:.0f} s" if v.wall_s is not None else "-"
         rows.append((v.id, "ok" if v.passed else "FAIL", wall, *counts, largest))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\nregression of {spec.matrix} against the {label}")
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print("\n".join(table(rows)))
     for note in verdict.notes + [f"{v.id}: {n}" for v in verdict.checks for n in v.notes]:
         print(f"note: {note}")
     if spec.overfit is not None and any(v.kind == "overfit" for v in verdict.checks):

@@ -23,10 +23,12 @@ from typing import Any
 
 import pandas as pd
 
+from harness import text
 from harness.matrix.spec import MatrixSpec
 from harness.metrics import EPS, FPS_REL, Verdict, ap_verdict, finite
 from harness.results.collect import collect
 from harness.results.verdicts import VERDICTS, combine, t_critical
+from harness.text import clip, num
 
 AGAINST_COLUMNS: tuple[str, ...] = (
     "name", "status", "n_seeds", "n_seeds_against", "box_ap", "against_box_ap", "delta_box_ap", "delta_low",
@@ -179,34 +181,19 @@ def format_against(df: pd.DataFrame, header: list[str]) -> str:
     for rec in df.to_dict(orient="records"):
         rows.append((
             rec["name"], f"{rec['n_seeds']}/{rec['n_seeds_against']}",
-            f"{_num(rec['against_box_ap'])} -> {_num(rec['box_ap'])}", _signed(rec["delta_box_ap"]),
-            f"{_num(rec['against_mem_gb'], 2)} -> {_num(rec['mem_gb'], 2)}{_pct(rec['delta_mem_rel'])}",
-            f"{_num(rec['against_fps'])} -> {_num(rec['fps'])}{_pct(rec['delta_fps_rel'])}",
-            f"{_num(rec['against_train_images_per_s'])} -> {_num(rec['train_images_per_s'])}",
-            str(rec["verdict"]), _clip(rec["reason"], 90),
+            f"{num(rec['against_box_ap'])} -> {num(rec['box_ap'])}", num(rec["delta_box_ap"], 2, signed=True),
+            f"{num(rec['against_mem_gb'], 2)} -> {num(rec['mem_gb'], 2)}{_pct(rec['delta_mem_rel'])}",
+            f"{num(rec['against_fps'])} -> {num(rec['fps'])}{_pct(rec['delta_fps_rel'])}",
+            f"{num(rec['against_train_images_per_s'])} -> {num(rec['train_images_per_s'])}",
+            str(rec["verdict"]), clip(rec["reason"], 90),
         ))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    table.insert(1, "  ".join("-" * w for w in widths))
+    table = text.table(rows)
     counts = ", ".join(f"{int((df['verdict'] == v).sum())} {v}" for v in VERDICTS)
     return "\n".join([*header, "", *table, "", f"{len(df)} cells (seeds here/against; against -> now): {counts}"])
 
 
-def _num(x: Any, digits: int = 1) -> str:
-    return f"{float(x):.{digits}f}" if finite(x) else "-"
-
-
-def _signed(x: Any) -> str:
-    return f"{float(x):+.2f}" if finite(x) else "-"
-
-
 def _pct(x: Any) -> str:
     return f" ({float(x):+.0%})" if finite(x) else ""
-
-
-def _clip(text: Any, n: int) -> str:
-    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 __all__ = ["AGAINST_COLUMNS", "compare_against", "format_against", "sides_text"]

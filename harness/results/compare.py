@@ -18,6 +18,7 @@ from harness.matrix.spec import MatrixSpec
 from harness.metrics import BY_KEY, COMPARABLE_MEM_KIND, METRICS, PUBLISHED_DEVICE_CLASS, Measured, finite
 from harness.results.collect import collect
 from harness.results.verdicts import VERDICTS, Scope, interval95, judge, precedence, scope_of
+from harness.text import clip, num, table
 
 COMPARE_COLUMNS: tuple[str, ...] = (
     "name", "section", "profile", "status", "n_seeds", "n_failed",
@@ -68,16 +69,14 @@ def format_comparison(df: pd.DataFrame) -> str:
             rec["name"] + (f" [{rec['quirks']}]" if rec["quirks"] else ""),
             str(rec["n_seeds"]),
             _ap_text(rec["box_ap"], rec["box_ap_std"], rec["n_seeds"]),
-            _num(rec["published_box_ap"]),
-            _signed(rec["delta_box_ap"]),
-            *(f"{_num(rec[m.column])}{m.mark_for(rec[m.column], rec[m.context] if m.context else None)}/"
-              f"{_num(rec[m.published_column])}" for m in others),
+            num(rec["published_box_ap"]),
+            num(rec["delta_box_ap"], signed=True),
+            *(f"{num(rec[m.column])}{m.mark_for(rec[m.column], rec[m.context] if m.context else None)}/"
+              f"{num(rec[m.published_column])}" for m in others),
             rec["verdict"],
-            _clip(rec["reason"], 70),
+            clip(rec["reason"], 70),
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = table(lines)
     counts = summary_counts(df)
     text.append("")
     text.append(f"measured/published; {BY_KEY['mem'].mark} CPU peak RSS and {BY_KEY['fps'].mark} fps off {PUBLISHED_DEVICE_CLASS}: not comparable")
@@ -158,23 +157,10 @@ def _cell_row(rows: pd.DataFrame, cell: Any, profile: str, scope: Scope, matrix:
 
 
 
-def _num(x: Any, digits: int = 1) -> str:
-    return f"{float(x):.{digits}f}" if finite(x) else "-"
-
-
-def _signed(x: Any) -> str:
-    return f"{float(x):+.1f}" if finite(x) else "-"
-
-
 def _ap_text(mean: Any, std: Any, n: int) -> str:
     if not finite(mean):
         return "-"
     return f"{mean:.1f} ± {std:.2f}" if n > 1 and finite(std) else f"{mean:.1f}"
-
-
-def _clip(text: Any, n: int) -> str:
-    s = str(text or "")
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def _jsonable(v: Any) -> Any:

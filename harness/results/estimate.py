@@ -20,6 +20,7 @@ import pandas as pd
 from harness.errors import UserError
 from harness.matrix.spec import MatrixSpec
 from harness.results.collect import collect
+from harness.text import num, table
 
 # COCO train2017 images with at least one annotation: what mmdet trains on (filter_empty_gt=True).
 COCO_TRAIN_IMAGES = 117_266
@@ -123,11 +124,9 @@ def format_estimate(df: pd.DataFrame, *, gpus: int) -> str:
     rows = [header]
     for r in df.to_dict(orient="records"):
         mark = "*" if r["upper_bound"] and not math.isnan(r["gpu_hours"]) else ""
-        rows.append((r["name"], str(r["epochs"]), _num(r["images_per_s_per_gpu"], 1), _num(r["gpu_hours"], 1) + mark,
-                     _num(r["wall_hours"], 1)))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append((r["name"], str(r["epochs"]), num(r["images_per_s_per_gpu"], 1, grouped=True), num(r["gpu_hours"], 1, grouped=True) + mark,
+                     num(r["wall_hours"], 1, grouped=True)))  # fmt: skip
+    lines = table(rows)
     total, n = total_gpu_hours(df)
     lines.append(f"\ntotal: {total:,.1f} {u}-hours over {n} measured cell(s); about {total / gpus:,.1f} h of wall "
                  f"clock on {gpus} {u}s (cells one after another, linear scaling, no evaluation or start-up)")
@@ -137,10 +136,6 @@ def format_estimate(df: pd.DataFrame, *, gpus: int) -> str:
     if len(left):
         lines.append(f"left out: {len(left)} cell(s) whose runs do not train as the full recipe ({left.iloc[0]['left_out']})")
     return "\n".join(lines)
-
-
-def _num(x: Any, digits: int) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):,.{digits}f}"
 
 
 __all__ = ["COCO_TRAIN_IMAGES", "estimate", "estimate_frame", "format_estimate", "gpu_hours", "require_estimate", "summary_line", "total_gpu_hours", "unit"]
