@@ -110,6 +110,18 @@ def _box_ap_rule(m: Measured, published: float | None, tol: PublishedTolerances)
     return verdict, None if verdict == "pass" else f"box AP off the published {published} by more than {tol.box_ap_pass}"
 
 
+def mem_change_verdict(d: float, *, rel: float) -> Verdict:
+    """The Mem rule on a relative change `d` from the reference: one-sided, since using less memory
+    than the reference (PyTorch 1.x's published Mem, or earlier runs) is not a regression."""
+    return "pass" if d <= rel + EPS else "fail"
+
+
+def fps_change_verdict(d: float) -> Verdict:
+    """The fps rule on a relative change `d`: within `FPS_REL` either way passes, beyond only warns
+    (speed is indicative)."""
+    return "pass" if abs(d) <= FPS_REL + EPS else "warn"
+
+
 def mem_verdict(measured: float | None, mem_kind: str | None, published: float | None, *, rel: float) -> tuple[Verdict, str]:
     """Verdict and reason for a training-memory number (GB)."""
     if measured is None or _nan(measured):
@@ -119,7 +131,7 @@ def mem_verdict(measured: float | None, mem_kind: str | None, published: float |
     if mem_kind != COMPARABLE_MEM_KIND:
         return "not comparable", f"Mem is {mem_kind or 'unknown'}, the published one is CUDA max_memory_allocated"
     d = (measured - published) / published
-    if d <= rel + EPS:  # one-sided: using less memory than PyTorch 1.x did is not a regression
+    if mem_change_verdict(d, rel=rel) == "pass":
         return "pass", f"Mem {d:+.0%}"
     return "fail", f"Mem {d:+.0%} (more than {rel:.0%} above the published)"
 
@@ -133,7 +145,7 @@ def fps_verdict(measured: float | None, device_class: str | None, published: flo
     if device_class != PUBLISHED_DEVICE_CLASS:
         return "not comparable", f"fps on {device_class or 'unknown device'}, published on {PUBLISHED_DEVICE_CLASS}"
     d = (measured - published) / published
-    if abs(d) <= FPS_REL + EPS:
+    if fps_change_verdict(d) == "pass":
         return "pass", f"fps {d:+.0%}"
     return "warn", f"fps {d:+.0%} (indicative, tolerance {FPS_REL:.0%})"
 
@@ -173,5 +185,5 @@ def _nan(x: float) -> bool:
 
 __all__ = [
     "BY_KEY", "BY_TITLE", "COMPARABLE_MEM_KIND", "EPS", "FPS_REL", "METRICS", "Measured", "Metric",
-    "PUBLISHED_DEVICE_CLASS", "PublishedTolerances", "Verdict", "ap_verdict", "finite", "fps_verdict", "mem_verdict",
+    "PUBLISHED_DEVICE_CLASS", "PublishedTolerances", "Verdict", "ap_verdict", "finite", "fps_change_verdict", "fps_verdict", "mem_change_verdict", "mem_verdict",
 ]  # fmt: skip

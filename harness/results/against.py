@@ -25,7 +25,7 @@ import pandas as pd
 
 from harness import text
 from harness.matrix.spec import MatrixSpec
-from harness.metrics import EPS, FPS_REL, Verdict, ap_verdict, finite
+from harness.metrics import FPS_REL, Verdict, ap_verdict, finite, fps_change_verdict, mem_change_verdict
 from harness.results.collect import collect
 from harness.results.verdicts import VERDICTS, combine, t_critical
 from harness.text import clip, num
@@ -92,34 +92,40 @@ def _ap(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], ap_pass: float
     return verdict
 
 
-def _mem(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], mem_rel: float, reasons: list[str]) -> Verdict:
-    a, b = out["mem_gb"], out["against_mem_gb"]
+def _relative(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], column: str, context: str, delta: str,
+              reasons: list[str]) -> float | None:
+    """The relative change of `column` from --against, stored as `out[delta]`; None (with a reason when
+    the kinds differ) where it is not comparable: a side without it, or measured on another kind
+    (`context`: the memory kind, the device class)."""
+    a, b = out[column], out[f"against_{column}"]
     if a is None or b is None or b <= 0:
-        return "not comparable"
-    kinds = _kinds(ok, "mem_kind") | _kinds(ref, "mem_kind")
+        return None
+    kinds = _kinds(ok, context) | _kinds(ref, context)
     if len(kinds) != 1:
-        reasons.append(f"Mem of different kinds ({_show(kinds)})")
+        reasons.append(f"{column} of different {context.replace('_', ' ')}s ({_show(kinds)})")
+        return None
+    out[delta] = d = (a - b) / b
+    return d
+
+
+def _mem(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], mem_rel: float, reasons: list[str]) -> Verdict:
+    d = _relative(ok, ref, out, "mem_gb", "mem_kind", "delta_mem_rel", reasons)
+    if d is None:
         return "not comparable"
-    out["delta_mem_rel"] = d = (a - b) / b
-    if d <= mem_rel + EPS:  # one-sided, as against the published Mem: using less is no regression
-        return "pass"
-    reasons.append(f"Mem {d:+.0%} (more than {mem_rel:.0%} above --against)")
-    return "fail"
+    verdict = mem_change_verdict(d, rel=mem_rel)
+    if verdict != "pass":
+        reasons.append(f"Mem {d:+.0%} (more than {mem_rel:.0%} above --against)")
+    return verdict
 
 
 def _fps(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], reasons: list[str]) -> Verdict:
-    a, b = out["fps"], out["against_fps"]
-    if a is None or b is None or b <= 0:
+    d = _relative(ok, ref, out, "fps", "device_class", "delta_fps_rel", reasons)
+    if d is None:
         return "not comparable"
-    classes = _kinds(ok, "device_class") | _kinds(ref, "device_class")
-    if len(classes) != 1:
-        reasons.append(f"fps on different devices ({_show(classes)})")
-        return "not comparable"
-    out["delta_fps_rel"] = d = (a - b) / b
-    if abs(d) <= FPS_REL + EPS:
-        return "pass"
-    reasons.append(f"fps {d:+.0%} (indicative, tolerance {FPS_REL:.0%})")
-    return "warn"
+    verdict = fps_change_verdict(d)
+    if verdict != "pass":
+        reasons.append(f"fps {d:+.0%} (indicative, tolerance {FPS_REL:.0%})")
+    return verdict
 
 
 def _welch(a: list[float], b: list[float]) -> tuple[float, float]:
