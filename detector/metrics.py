@@ -18,6 +18,9 @@ class Metrics:
     status: str | None = None  # "ok" | "failed"; absent in a result.json's copy
     error: str | None = None
     coco: dict[str, float] | None = None  # the 12 pycocotools stats under mmdet CocoMetric keys, fractions
+    # AP@[.5:.95] per evaluated category name, a fraction (mmdet's classwise `<name>_precision`);
+    # None for a category without ground truth among the evaluated images.
+    category_ap: dict[str, float | None] | None = None
     box_ap: float | None = None  # percentage points, one decimal
     mem_gb: float | None = None
     mem_kind: str | None = None  # "cuda_max_allocated" | "cpu_peak_rss"

@@ -218,10 +218,10 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
         deviations.append(f"evaluated on {eval_set.split} ({run.val_ann} not found under {run.data_root})")
     if run.eval_max_images is not None and len(eval_set) < len(eval_set.coco.imgs):
         deviations.append(f"evaluated on the first {len(eval_set)} of {len(eval_set.coco.imgs)} {eval_set.split} images")
-    stats = evaluate_model(model, eval_set, device=device, workers=run.workers, source=f"detections of {cell_dir.name}",
-                           seed=run.seed, rank=rank, world=world, progress=run.progress and rank == 0)  # fmt: skip
+    scores = evaluate_model(model, eval_set, device=device, workers=run.workers, source=f"detections of {cell_dir.name}",
+                            seed=run.seed, rank=rank, world=world, progress=run.progress and rank == 0)  # fmt: skip
     # mmdet CocoMetric keys, fractions (ARCHITECTURE.md); rank 0 only
-    coco: dict[str, float] = {k: stats[k] for k in METRIC_KEYS} if stats is not None else {}
+    coco: dict[str, float] = {k: scores.stats[k] for k in METRIC_KEYS} if scores is not None else {}
     eval_time = time.perf_counter() - t0
     phases.mark("eval")
 
@@ -247,7 +247,8 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     map_ = coco.get("bbox_mAP")
     box_ap = round(map_ * 100, 1) if map_ is not None else None  # the README's "box AP" (reference 1.3)
     return Metrics(
-        status="ok", coco=coco, box_ap=box_ap, mem_gb=mem_gb, mem_kind=mem_kind,
+        status="ok", coco=coco, category_ap=scores.category_ap() if scores is not None else None, box_ap=box_ap,
+        mem_gb=mem_gb, mem_kind=mem_kind,
         fps=fps["fps"], fps_images=fps["images"], fps_precision=fps["precision"], framework_mem_gb=framework_mem,
         iters=result.iters, epochs=round(result.epochs, 4), train_time_s=round(result.train_time_s, 3),
         eval_time_s=round(eval_time, 3), final_loss=result.final_loss, first_loss=result.first_loss,

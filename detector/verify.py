@@ -37,8 +37,9 @@ def verify(
 
     Returns:
         The 12 COCO box stats (`detector.data.coco_eval.METRIC_KEYS`, fractions), `box_ap` (percentage
-        points, one decimal), `eval_split`, `images`, `checkpoint` and `classes_checked` (whether
-        the file recorded class names that were compared).
+        points, one decimal), `eval_split`, `images`, `checkpoint`, `classes_checked` (whether
+        the file recorded class names that were compared) and `per_category` (category name ->
+        `coco_eval.CATEGORY_KEYS` -> fraction or None: mmdet's classwise table).
     """
     run = RunConfig(data_root=str(data_root), device=device, eval_max_images=max_images, workers=workers)
     dataset = data.build_dataset(cfg, run, train=False)
@@ -55,15 +56,16 @@ def verify(
     dev = torch.device(device)
     model.to(dev).eval()
     # Only the images that were run count (all of them unless max_images), as mmdet scores its whole split.
-    stats = evaluate_model(model, dataset, device=dev, workers=workers, source=f"detections of {checkpoint}", progress=progress)
-    assert stats is not None  # one process: rank 0
+    scores = evaluate_model(model, dataset, device=dev, workers=workers, source=f"detections of {checkpoint}", progress=progress)
+    assert scores is not None  # one process: rank 0
     return {
-        **stats,
-        "box_ap": round(stats["bbox_mAP"] * 100, 1),
+        **scores.stats,
+        "box_ap": round(scores.stats["bbox_mAP"] * 100, 1),
         "eval_split": dataset.split,
         "images": len(dataset),
         "checkpoint": str(checkpoint),
         "classes_checked": report.classes is not None,
+        "per_category": scores.per_category,
     }
 
 

@@ -217,12 +217,20 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from detector.api import evaluate_files
 
-    stats = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"))
+    scores = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"))
     if args.format == "json":
-        print(json.dumps(_jsonable(stats), indent=2))
-    else:
-        print("\n".join(table([("metric", "value"), *((k, f"{float(v):.3f}") for k, v in stats.items())])))
+        print(json.dumps(_jsonable({**scores.stats, **({"per_category": scores.per_category} if args.classwise else {})}), indent=2))
+        return OK
+    print("\n".join(table([("metric", "value"), *((k, f"{float(v):.3f}") for k, v in scores.stats.items())])))
+    if args.classwise:
+        print("\n" + "\n".join(_category_table(scores.per_category)))
     return OK
+
+
+def _category_table(per_category: dict[str, dict[str, float | None]]) -> list[str]:
+    """mmdet's classwise table: one row per category, its AP columns as fractions ("-": no ground truth)."""
+    keys = next(iter(per_category.values()), {}).keys()
+    return table([("category", *keys), *((name, *(num(v, 3) for v in row.values())) for name, row in per_category.items())])
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -246,7 +254,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                           published=cell.published, tolerances=matrix.tolerances)
     result.update(published_box_ap=published, delta_box_ap=None if published is None else round(result["box_ap"] - published, 1),
                   verdict=verdict, verdict_reason="; ".join(reasons) or None)
+    per_category = result.pop("per_category", None)
+    if args.classwise and args.format == "json":
+        result["per_category"] = per_category
     _print_mapping(_jsonable(result), args.format)
+    if args.classwise and args.format != "json" and per_category:
+        print("\n" + "\n".join(_category_table(per_category)))
     return 1 if verdict == "fail" else OK
 
 

@@ -17,6 +17,8 @@ REPORTS_HELP = "where the page goes (default: <runs>/<matrix>/<profile>/_report,
 MATRIX_HELP = "a name under matrices/ (faster_rcnn) or a YAML path"
 CELL_HELP = "a cell name (faster-rcnn_r50_fpn_1x_coco) or one of its aliases"
 FORMAT_HELP = "table (default) or json"
+CLASSWISE_HELP = ("also score each category (mmdet's classwise table: AP, AP50, AP75, small, medium, large; "
+                  "none where the category has no ground truth)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO bbox evaluation of a detections file")
     p.add_argument("--ann", required=True, metavar="GT.json", help="COCO-format ground truth (instances JSON)")
     p.add_argument("--dets", required=True, metavar="DETS.json", help="detections in COCO results format")
+    p.add_argument("--classwise", action="store_true", help=CLASSWISE_HELP)
     p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
 
     p = sub.add_parser("verify", help="evaluate a published checkpoint, no training")
@@ -168,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", default=DEFAULT_MATRIX, help=f"where to look the cell up (default {DEFAULT_MATRIX})")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max-images", type=_positive, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--classwise", action="store_true", help=CLASSWISE_HELP)
     p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
 
     p = sub.add_parser("bench", help="inference speed and memory of a cell (random weights)")

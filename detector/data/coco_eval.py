@@ -17,6 +17,14 @@ computes them (mmdet additionally rounds to 3 decimals when logging; we keep ful
 README "box AP" is `round(bbox_mAP * 100, 1)`). pycocotools' -1 ("no ground truth in this area
 range") is kept as -1. Because at most 100 detections per image are kept by the model, the
 maxDets=1000 entries equal maxDets=100 ones in practice.
+
+Per category (mmdet `CocoMetric(classwise=True)`, `score(...).per_category`): for each evaluated
+category, the mean of pycocotools' accumulated precision over IoU thresholds and recall points at
+area "all" and the last maxDets (1000), entries of -1 left out; its AP@.5, AP@.75 and small /
+medium / large likewise. A category without ground truth among the evaluated images has no AP
+(None here; mmdet's NaN). Because each category is matched on its own, a category's AP is the
+`bbox_mAP` of evaluating that category alone, and over categories that have ground truth their
+mean is `bbox_mAP` itself (tested).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import copy
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +53,28 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 
 
-def evaluate(coco_gt: COCO, detections: list[dict[str, Any]], *, cat_ids: Sequence[int] | None = None,
-             img_ids: Sequence[int] | None = None, source: str = "detections") -> dict[str, float]:
-    """The 12 COCO box stats of `detections` against `coco_gt`, keyed by `METRIC_KEYS`.
+# Per-category columns (mmdet's classwise table) and the (IoU threshold, area range) each reads: all IoUs or one
+# index (0: .5, 5: .75), area 0 all, 1-3 small, medium, large.
+CATEGORY_KEYS: tuple[str, ...] = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+_CATEGORY_SLICES = ((slice(None), 0), (0, 0), (5, 0), (slice(None), 1), (slice(None), 2), (slice(None), 3))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores:
+    """One COCO box evaluation: the 12 stats (`METRIC_KEYS`, fractions) and, per evaluated category
+    name (the ground truth's category order), `CATEGORY_KEYS` -> fraction, None without ground truth."""
+
+    stats: dict[str, float]
+    per_category: dict[str, dict[str, float | None]]
+
+    def category_ap(self) -> dict[str, float | None]:
+        """Category name -> AP@[.5:.95] (mmdet's `<name>_precision`), what metrics.json keeps."""
+        return {name: row["mAP"] for name, row in self.per_category.items()}
+
+
+def score(coco_gt: COCO, detections: list[dict[str, Any]], *, cat_ids: Sequence[int] | None = None,
+          img_ids: Sequence[int] | None = None, source: str = "detections") -> Scores:
+    """`detections` scored against `coco_gt`: the 12 COCO box stats and the per-category APs.
 
     Args:
         coco_gt: ground truth (e.g. `detector.data.coco.load_coco(path)` or a dataset's `.coco`).
@@ -72,11 +100,28 @@ def evaluate(coco_gt: COCO, detections: list[dict[str, Any]], *, cat_ids: Sequen
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-    return {key: float(value) for key, value in zip(METRIC_KEYS, coco_eval.stats)}
+    stats = {key: float(value) for key, value in zip(METRIC_KEYS, coco_eval.stats)}
+    # precision: [IoU thresholds, recall points, categories (params.catIds order), area ranges, maxDets]
+    precision = coco_eval.eval["precision"]
+    per_category = {}
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        row = {}
+        for key, (iou, area) in zip(CATEGORY_KEYS, _CATEGORY_SLICES):
+            values = precision[iou, :, k, area, -1]
+            values = values[values > -1]
+            row[key] = float(np.mean(values)) if values.size else None
+        per_category[coco_gt.cats[cat_id]["name"]] = row
+    return Scores(stats=stats, per_category=per_category)
 
 
-def evaluate_files(ann: Path, dets: Path, *, categories: Sequence[str] | None = None) -> dict[str, float]:
-    """`harness eval --ann GT --dets DETS`: evaluate a COCO results file (a JSON list) against `ann`.
+def evaluate(coco_gt: COCO, detections: list[dict[str, Any]], *, cat_ids: Sequence[int] | None = None,
+             img_ids: Sequence[int] | None = None, source: str = "detections") -> dict[str, float]:
+    """The 12 COCO box stats of `detections` against `coco_gt`, keyed by `METRIC_KEYS` (`score`'s `stats`)."""
+    return score(coco_gt, detections, cat_ids=cat_ids, img_ids=img_ids, source=source).stats
+
+
+def evaluate_files(ann: Path, dets: Path, *, categories: Sequence[str] | None = None) -> Scores:
+    """`harness eval --ann GT --dets DETS`: score a COCO results file (a JSON list) against `ann`.
 
     `categories` (names) restricts the evaluation to those categories, as the COCO-subset
     finetunes are evaluated. Errors name the file at fault.
@@ -86,7 +131,7 @@ def evaluate_files(ann: Path, dets: Path, *, categories: Sequence[str] | None = 
     if not isinstance(detections, list):
         raise DataError(f"detections file {dets}: expected a JSON list of COCO results, got {type(detections).__name__}")
     cat_ids = select_categories(coco_gt, categories, ann) if categories else None
-    return evaluate(coco_gt, detections, cat_ids=cat_ids, source=f"detections file {dets}")
+    return score(coco_gt, detections, cat_ids=cat_ids, source=f"detections file {dets}")
 
 
 def detections_to_coco(outputs: Sequence[dict[str, Tensor]], metas: Sequence[dict[str, Any]],
@@ -139,4 +184,4 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return empty
 
 
-__all__ = ["METRIC_KEYS", "PROPOSAL_NUMS", "detections_to_coco", "evaluate", "evaluate_files"]
+__all__ = ["CATEGORY_KEYS", "METRIC_KEYS", "PROPOSAL_NUMS", "Scores", "detections_to_coco", "evaluate", "evaluate_files", "score"]

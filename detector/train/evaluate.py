@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from detector.data import coco as data
-from detector.data.coco_eval import detections_to_coco, evaluate
+from detector.data.coco_eval import Scores, detections_to_coco, score
 from detector.train.engine import Batch, Progress, unwrap
 from detector.train.solver import Amp
 
@@ -81,8 +81,9 @@ def evaluate_model(
     rank: int = 0,
     world: int = 1,
     progress: bool = False,
-) -> dict[str, float] | None:
-    """The 12 COCO box stats (`coco_eval.METRIC_KEYS`, fractions) of `model` on `dataset`.
+) -> Scores | None:
+    """The COCO box scores of `model` on `dataset`: the 12 stats (`coco_eval.METRIC_KEYS`, fractions)
+    and the per-category APs.
 
     With `world` > 1 each rank predicts its share and rank 0 gathers and scores them all; the other
     ranks get None. `source` names the detections in error messages; `seed` seeds the loader.
@@ -99,7 +100,7 @@ def evaluate_model(
     if rank != 0:
         return None
     detections = detections_to_coco(outputs, metas, dataset.label_to_cat_id)
-    return evaluate(dataset.coco, detections, cat_ids=dataset.cat_ids, img_ids=dataset.image_ids, source=source)
+    return score(dataset.coco, detections, cat_ids=dataset.cat_ids, img_ids=dataset.image_ids, source=source)
 
 
 __all__ = ["evaluate_model", "original_size", "predict"]

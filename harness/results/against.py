@@ -11,6 +11,10 @@ published table and the same rules judge the difference, with the matrix's toler
   between the same kind of memory (CUDA `max_memory_allocated` or CPU peak RSS).
 - fps: within `FPS_REL` passes, beyond warns (speed is indicative); only on the same device class.
 - training images/s: shown beside them, not judged (data loading and the host weigh in).
+- per category: where both sides recorded each category's AP (metrics.json `category_ap`) and the box
+  AP is compared, the change of each category's AP in points (`category_deltas`, largest first; the
+  terminal shows the five largest a cell). Shown, not judged: one category's AP over a few hundred
+  instances moves more from seed to seed than the mean does; it says where a moved AP moved.
 
 A cell run on one side only is "not run"; a failed run on the compared side fails the cell.
 """
@@ -33,8 +37,10 @@ from harness.text import clip, num
 AGAINST_COLUMNS: tuple[str, ...] = (
     "name", "status", "n_seeds", "n_seeds_against", "box_ap", "against_box_ap", "delta_box_ap", "delta_low",
     "delta_high", "ap_verdict", "mem_gb", "against_mem_gb", "delta_mem_rel", "mem_verdict", "fps", "against_fps",
-    "delta_fps_rel", "fps_verdict", "train_images_per_s", "against_train_images_per_s", "verdict", "reason",
+    "delta_fps_rel", "fps_verdict", "train_images_per_s", "against_train_images_per_s", "category_deltas", "verdict",
+    "reason",
 )  # fmt: skip
+CATEGORIES_SHOWN = 5  # per cell, in the terminal
 # What is said of each side in the header: what changed between them is usually why the user compares.
 PROVENANCE = (("torch_version", "torch"), ("torchvision_version", "torchvision"), ("device", "device"),
               ("git_commit", "commit"))  # fmt: skip
@@ -84,12 +90,31 @@ def _ap(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], ap_pass: float
             reasons.append(f"box AP scored on another {what} ({_show(mine)} here, {_show(theirs)} in --against)")
             return "not comparable"
     delta, half = _welch(a, b)
-    out.update(delta_box_ap=round(delta, 3), delta_low=delta - half, delta_high=delta + half)
+    out.update(delta_box_ap=round(delta, 3), delta_low=delta - half, delta_high=delta + half,
+               category_deltas=_category_deltas(ok, ref))
     verdict = ap_verdict(delta - half, delta + half, 0.0, pass_band=ap_pass, warn_band=ap_warn)
     if verdict != "pass":
         interval = f" (95% interval [{delta - half:+.2f}, {delta + half:+.2f}])" if half else ""
         reasons.append(f"box AP moved by {delta:+.2f}{interval}, more than {ap_pass}")
     return verdict
+
+
+def _category_deltas(ok: pd.DataFrame, ref: pd.DataFrame) -> dict[str, float] | None:
+    """Each category's AP change in points (the mean over each side's seeds), largest change first;
+    only categories scored on every run of both sides; None when a side's runs did not record them."""
+    a, b = _category_means(ok), _category_means(ref)
+    if a is None or b is None:
+        return None
+    deltas = {name: round(100 * (a[name] - b[name]), 3) for name in a.keys() & b.keys()}
+    return dict(sorted(deltas.items(), key=lambda item: (-abs(item[1]), item[0])))
+
+
+def _category_means(rows: pd.DataFrame) -> dict[str, float] | None:
+    recorded = [r for r in rows["category_ap"] if isinstance(r, dict)] if "category_ap" in rows else []
+    if not recorded or len(recorded) != len(rows):  # a seed without them would make the means unlike
+        return None
+    names = set.intersection(*({name for name, ap in r.items() if finite(ap)} for r in recorded))
+    return {name: sum(float(r[name]) for r in recorded) / len(recorded) for name in names}
 
 
 def _relative(ok: pd.DataFrame, ref: pd.DataFrame, out: dict[str, Any], column: str, context: str, delta: str,
@@ -195,11 +220,21 @@ def format_against(df: pd.DataFrame, header: list[str]) -> str:
         ))  # fmt: skip
     table = text.table(rows)
     counts = ", ".join(f"{int((df['verdict'] == v).sum())} {v}" for v in VERDICTS)
-    return "\n".join([*header, "", *table, "", f"{len(df)} cells (seeds here/against; against -> now): {counts}"])
+    moves = []
+    for rec in df.to_dict(orient="records"):
+        # Only changes that show at one decimal: a cell whose categories did not move is not listed.
+        moved = [(name, d) for name, d in (rec["category_deltas"] or {}).items() if abs(d) >= 0.05] \
+            if isinstance(rec["category_deltas"], dict) else []  # fmt: skip
+        if moved:
+            moves.append(f"  {rec['name']}: " + ", ".join(f"{name} {d:+.1f}" for name, d in moved[:CATEGORIES_SHOWN]))
+    if moves:
+        moves.insert(0, f"Per-category box AP, the {CATEGORIES_SHOWN} largest changes a cell (points, against -> now; shown, not judged):")
+    return "\n".join([*header, "", *table, "", f"{len(df)} cells (seeds here/against; against -> now): {counts}",
+                      *([""] + moves if moves else [])])
 
 
 def _pct(x: Any) -> str:
     return f" ({float(x):+.0%})" if finite(x) else ""
 
 
-__all__ = ["AGAINST_COLUMNS", "compare_against", "format_against", "sides_text"]
+__all__ = ["AGAINST_COLUMNS", "CATEGORIES_SHOWN", "compare_against", "format_against", "sides_text"]

@@ -29,7 +29,7 @@ COLUMNS: tuple[str, ...] = (
     "published_box_ap", "published_mem_gb", "published_fps", "delta_box_ap", "verdict", "verdict_reason",
     "eval_split", "eval_images", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
     "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
-    "data_root", "image_scale", "proposal_cap", "other_categories", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
+    "data_root", "image_scale", "proposal_cap", "other_categories", "category_ap", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
     "cells_at_once", "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
     "pycocotools_version", "harness_version", "finished_at", "run_dir",
 )
@@ -193,6 +193,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "image_scale": _scale(spec_run.get("image_scale")),
         "proposal_cap": spec_run.get("proposal_cap"),
         "other_categories": other_categories_of(_trained_categories(result, spec), recipe_categories(cell)),
+        "category_ap": rec.category_ap if status == "ok" else None,  # name -> AP fraction (None: no ground truth)
         # The harness's data notes (repairs, drops, the categories trained) are deviations of the run too.
         "deviations": rec.deviations + tuple(n for n in notes if n.startswith("data: ")),
         "notes": notes,

@@ -26,7 +26,7 @@ SCHEMA_KEYS = {
     "epochs", "train_time_s", "eval_time_s", "final_loss", "first_loss", "world_size", "images_per_gpu",
     "total_batch", "lr", "base_lr", "lr_rescaled", "resumed_from_iter", "eval_split", "device", "device_class",
     "deviations", "failed_at_iter", "loss_terms", "train_images_per_s", "s_per_iter", "threads", "phase_s",
-    "framework_mem_gb", "eval_images",
+    "framework_mem_gb", "eval_images", "category_ap",
 }  # fmt: skip
 COCO_KEYS = {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l", "bbox_AR@100",
              "bbox_AR@300", "bbox_AR@1000", "bbox_AR_s@1000", "bbox_AR_m@1000", "bbox_AR_l@1000"}  # ARCHITECTURE.md
@@ -93,6 +93,11 @@ def test_cell_writes_schema_log_checkpoints_and_reruns_from_the_final_checkpoint
     assert m["fps"] > 0 and m["fps_images"] == 3 and m["fps_precision"] == "fp32"
     assert m["device"] == "cpu" and m["device_class"] == "cpu"
     assert m["box_ap"] == round(m["coco"]["bbox_mAP"] * 100, 1)
+    # Every category of the dataset has its AP (mmdet classwise), null where the 4 images have none of it.
+    gt = json.loads((data_root / "annotations/instances_val2017.json").read_text())
+    assert list(m["category_ap"]) == [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    present = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
+    assert {name for name, ap in m["category_ap"].items() if ap is not None} == present
     assert m["final_loss"] < m["first_loss"]
     devs = "\n".join(m["deviations"])
     for part in ("image scale (96, 64) instead of (1333, 800)", "iteration budget 12", "warmup 4 iterations",

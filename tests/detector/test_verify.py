@@ -29,6 +29,7 @@ def test_verify_end_to_end(tmp_path: Path) -> None:
     stats = {k: v for k, v in out.items() if k.startswith("bbox_")}
     assert len(stats) == 12 and all(-1.0 <= v <= 1.0 for v in stats.values())
     assert out["box_ap"] == round(out["bbox_mAP"] * 100, 1)
+    assert list(out["per_category"]) == list(classes)  # mmdet's classwise table, every category in id order
     bad = tmp_path / "reversed.pth"
     torch.save({"meta": {"CLASSES": classes[::-1]}, "state_dict": model.state_dict()}, bad)
     with pytest.raises(WeightsError, match="class order"):

@@ -176,6 +176,21 @@ def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path
     stats = json.loads(capsys.readouterr().out)
     assert {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"} <= set(stats)
     assert len(stats) == 12 and stats["bbox_mAP"] == pytest.approx(1.0)
+    # --classwise: mmdet's per-category table, in JSON and as text ("-" where a category has no ground truth).
+    assert main(["eval", "--ann", str(ann), "--dets", str(tmp_path / "dets.json"), "--classwise", "--format", "json"]) == 0
+    per_category = json.loads(capsys.readouterr().out).pop("per_category")
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    present = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
+    assert list(per_category) == names and 0 < len(present) < len(names)
+    assert {n for n, row in per_category.items() if row["mAP"] is not None} == present
+    assert all(per_category[n]["mAP"] == pytest.approx(1.0) for n in present)
+    assert main(["eval", "--ann", str(ann), "--dets", str(tmp_path / "dets.json"), "--classwise"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("category"))
+    assert lines[header].split() == ["category", "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"]
+    rows = {line[: len(max(names, key=len))].strip(): line.split()[-6:] for line in lines[header + 2:]}
+    assert len(rows) == len(names) and all(rows[n][0] == "1.000" for n in present)
+    assert all(rows[n] == ["-"] * 6 for n in set(names) - present)
 
 
 def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
@@ -215,13 +230,22 @@ def test_verify_judges_the_checkpoint_against_its_published_row(
     """R-50-FPN 1x publishes 37.4: the matrix's AP bands apply over all of val2017, exit 1 on a fail."""
     from detector import api
 
-    monkeypatch.setattr(api, "verify", lambda cfg, **kw: {"box_ap": box_ap, "eval_split": "val2017", "images": images})
+    per_category = {"person": {"mAP": 0.5, "mAP_50": 0.7}, "toaster": {"mAP": None, "mAP_50": None}}
+    monkeypatch.setattr(api, "verify", lambda cfg, **kw: {"box_ap": box_ap, "eval_split": "val2017", "images": images,
+                                                          "per_category": per_category})
     ckpt = tmp_path / "r50.pth"
     ckpt.write_bytes(b"x")
     assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(coco_root), "--format", "json"]) == code
     out = json.loads(capsys.readouterr().out)
     assert out["published_box_ap"] == 37.4 and out["delta_box_ap"] == round(box_ap - 37.4, 1) and out["verdict"] == verdict
     assert (out["verdict_reason"] is None) == (verdict == "pass")
+    assert "per_category" not in out  # only with --classwise
+    assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(coco_root), "--classwise", "--format", "json"]) == code
+    assert json.loads(capsys.readouterr().out)["per_category"] == per_category
+    assert main(["verify", R50, "--checkpoint", str(ckpt), "--data", str(coco_root), "--classwise"]) == code
+    tail = capsys.readouterr().out.splitlines()[-4:]
+    assert [line.split() for line in tail] == [["category", "mAP", "mAP_50"], ["--------", "-----", "------"],
+                                               ["person", "0.500", "0.700"], ["toaster", "-", "-"]]  # fmt: skip
 
 
 TINY = """\

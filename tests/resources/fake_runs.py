@@ -37,6 +37,7 @@ def write_run(
     framework_mem_gb: float | None = None,
     categories: list[str] | None = None,
     eval_images: int | None = None,
+    category_ap: dict[str, float | None] | None = None,
 ) -> Path:
     """Write one fake cell folder under `runs_dir` and return it."""
     folder = Path(runs_dir) / MATRIX / profile / cell
@@ -52,6 +53,7 @@ def write_run(
         "images_per_gpu": 2, "total_batch": 2, "lr": 0.0025, "base_lr": 0.02, "lr_rescaled": True,
         "resumed_from_iter": 0, "eval_split": eval_split, "eval_images": eval_images, "device": device, "device_class": device_class,
         "deviations": deviations or [], "failed_at_iter": None, "loss_terms": None, "framework_mem_gb": framework_mem_gb,
+        "category_ap": category_ap,
     }
     result = {
         "name": cell, "matrix": MATRIX, "profile": profile, "seed": seed, "status": status,

@@ -14,10 +14,12 @@ from pycocotools.cocoeval import COCOeval
 
 from detector.data.coco import load_coco
 from detector.data.coco_eval import (
+    CATEGORY_KEYS,
     METRIC_KEYS,
     detections_to_coco,
     evaluate,
     evaluate_files,
+    score,
 )
 from detector.data.synth import make_synthetic_coco
 from detector.errors import DataError
@@ -66,7 +68,7 @@ def _pycocotools(ann: Path, dets: Path, cat_ids: list[int] | None = None) -> np.
 def test_evaluate_files_equals_pycocotools(gt_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dets = tmp_path / "dets.json"
     dets.write_text(json.dumps(_noisy_detections(json.loads(gt_file.read_text()), 0)))
-    ours = evaluate_files(gt_file, dets)
+    ours = evaluate_files(gt_file, dets).stats
     assert list(ours) == list(METRIC_KEYS)
     np.testing.assert_array_equal([ours[k] for k in METRIC_KEYS], _pycocotools(gt_file, dets))
     assert 0.2 < ours["bbox_mAP"] < 0.95 and ours["bbox_mAP_50"] > ours["bbox_mAP_75"]
@@ -85,10 +87,35 @@ def test_category_subset(gt_file: Path, tmp_path: Path) -> None:
     dets = tmp_path / "dets.json"
     dets.write_text(json.dumps(_noisy_detections(json.loads(gt_file.read_text()), 1)))
     ours = evaluate_files(gt_file, dets, categories=["person", "car"])
-    np.testing.assert_array_equal([ours[k] for k in METRIC_KEYS], _pycocotools(gt_file, dets, cat_ids=[1, 3]))
-    assert ours != evaluate_files(gt_file, dets)
+    np.testing.assert_array_equal([ours.stats[k] for k in METRIC_KEYS], _pycocotools(gt_file, dets, cat_ids=[1, 3]))
+    assert ours.stats != evaluate_files(gt_file, dets).stats
+    assert list(ours.per_category) == ["person", "car"]
     with pytest.raises(DataError, match="unknown category 'people'"):
         evaluate_files(gt_file, dets, categories=["people"])
+
+
+def test_each_category_scores_as_if_evaluated_alone(gt_file: Path, tmp_path: Path) -> None:
+    """mmdet's classwise AP read from pycocotools' precision array is, category by category, what
+    pycocotools computes evaluating that category alone (each category is matched on its own)."""
+    gt = json.loads(gt_file.read_text())
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps(_noisy_detections(gt, 3)))
+    ours = evaluate_files(gt_file, dets)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    assert list(ours.per_category) == [names[i] for i in sorted(names)]  # every category, in id order
+    with_gt = sorted({a["category_id"] for a in gt["annotations"]})
+    assert 3 <= len(with_gt) < len(names)
+    for cat_id in with_gt:
+        alone = _pycocotools(gt_file, dets, cat_ids=[cat_id])
+        row = ours.per_category[names[cat_id]]
+        assert list(row) == list(CATEGORY_KEYS)
+        # mAP at maxDets 1000 (mmdet's index -1) equals stats[0] at 100: under 100 detections an image.
+        assert row["mAP"] == alone[0] and row["mAP_50"] == alone[1] and row["mAP_75"] == alone[2]
+        assert [row["mAP_s"], row["mAP_m"], row["mAP_l"]] == [None if v == -1 else v for v in alone[3:6]]
+    for cat_id in set(names) - set(with_gt):
+        assert ours.per_category[names[cat_id]] == dict.fromkeys(CATEGORY_KEYS)  # no ground truth: no AP
+    aps = [v for v in ours.category_ap().values() if v is not None]
+    assert len(aps) == len(with_gt) and np.mean(aps) == pytest.approx(ours.stats["bbox_mAP"], abs=1e-12)
 
 
 def test_perfect_and_empty_detections(gt_file: Path) -> None:
@@ -98,6 +125,7 @@ def test_perfect_and_empty_detections(gt_file: Path) -> None:
     assert evaluate(gt, perfect) == {k: 1.0 for k in METRIC_KEYS}
     assert len(perfect) == len(gt.dataset["annotations"]) and "area" not in perfect[0]  # input left untouched
     assert evaluate(gt, []) == {k: 0.0 for k in METRIC_KEYS}
+    assert set(score(gt, perfect).category_ap().values()) <= {1.0, None}
     only_zero = evaluate(gt, [d for d in perfect if d["image_id"] == 0], img_ids=[0])
     assert only_zero["bbox_mAP"] == 1.0  # image id 0 evaluates like any other
 
@@ -159,7 +187,7 @@ def test_coco128_with_crowd_equals_pycocotools(tmp_path: Path) -> None:
     gt = json.loads(COCO128.read_text())
     dets = tmp_path / "dets.json"
     dets.write_text(json.dumps(_noisy_detections(gt, 2)))
-    ours = evaluate_files(COCO128, dets)
+    ours = evaluate_files(COCO128, dets).stats
     np.testing.assert_array_equal([ours[k] for k in METRIC_KEYS], _pycocotools(COCO128, dets))
     assert evaluate(load_coco(COCO128, drop_segmentation=True), json.loads(dets.read_text())) == ours
     # Crowd regions are "ignore": detecting them must not count as true or false positives.

@@ -10,7 +10,7 @@ import pytest
 from harness.cli import main
 from harness.matrix.parse import load_matrix
 from harness.matrix.spec import MatrixSpec
-from harness.results.against import AGAINST_COLUMNS, compare_against
+from harness.results.against import AGAINST_COLUMNS, compare_against, format_against
 from tests.resources.fake_runs import R50, write_run
 
 R101 = "faster-rcnn_r101_fpn_1x_coco"
@@ -92,3 +92,27 @@ def test_cli_exit_codes_and_a_mistyped_against(matrix: MatrixSpec, tmp_path: Pat
     assert main([*args, str(tmp_path / "typo")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"harness: error: --against {tmp_path / 'typo'}: no run of faster_rcnn / full")
+
+
+def test_per_category_changes_are_shown_largest_first_and_not_judged(matrix: MatrixSpec, tmp_path: Path) -> None:
+    """Means over seeds per side, in points; a category scored on only some runs is left out."""
+    now, then = tmp_path / "now", tmp_path / "then"
+    write_run(then, R50, box_ap=37.4, category_ap={"person": 0.50, "car": 0.30, "toaster": None, "kite": 0.20})
+    write_run(now, R50, seed=0, box_ap=37.4, category_ap={"person": 0.48, "car": 0.33, "toaster": 0.1, "kite": 0.20})
+    write_run(now, R50, seed=1, box_ap=37.4, category_ap={"person": 0.46, "car": 0.33, "toaster": 0.1, "kite": 0.21})
+    row = _row(matrix, now, then)
+    assert row["verdict"] == "pass"  # -3.0 points on one category moves no verdict
+    assert row["category_deltas"] == {"person": pytest.approx(-3.0), "car": pytest.approx(3.0), "kite": pytest.approx(0.5)}
+    assert list(row["category_deltas"]) == ["car", "person", "kite"]  # |delta| descending, then by name
+    df = compare_against(matrix, "full", now, then)
+    text = format_against(df, [])
+    assert text.splitlines()[-1] == f"  {R50}: car +3.0, person -3.0, kite +0.5"
+    write_run(tmp_path / "same", R50, box_ap=37.4, category_ap={"person": 0.50, "car": 0.30})
+    assert "Per-category" not in format_against(compare_against(matrix, "full", tmp_path / "same", then), [])  # nothing moved
+    # A side whose runs did not all record them, or an AP that is not compared: no per-category line.
+    write_run(then, R50, seed=1, box_ap=37.4)
+    assert not isinstance(_row(matrix, now, then)["category_deltas"], dict)
+    write_run(then, R50, seed=1, box_ap=37.4, eval_images=500, category_ap={"person": 0.5})
+    row = _row(matrix, now, then)
+    assert row["ap_verdict"] == "not comparable" and not isinstance(row["category_deltas"], dict)
+    assert "Per-category" not in format_against(compare_against(matrix, "full", now, then), [])
