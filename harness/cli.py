@@ -217,7 +217,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from detector.api import evaluate_files
 
-    scores = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"))
+    scores = evaluate_files(_existing(args.ann, "--ann"), _existing(args.dets, "--dets"), categories=_names(args.categories))
     if args.format == "json":
         print(json.dumps(_jsonable({**scores.stats, **({"per_category": scores.per_category} if args.classwise else {})}), indent=2))
         return OK
@@ -225,6 +225,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.classwise:
         print("\n" + "\n".join(_category_table(scores.per_category)))
     return OK
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of category names (`--categories a,b`); None when not given."""
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 def _category_table(per_category: dict[str, dict[str, float | None]]) -> list[str]:
@@ -290,7 +295,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return OK
     from detector.api import subset_annotations
 
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    categories = _names(args.categories)
     ann = _existing(args.ann, "--ann")
     if args.out.endswith(("/", os.sep)):
         raise UserError(f"--out {args.out}: is a folder; give the file to write, e.g. {args.out.rstrip('/')}/instances_train2017.json")

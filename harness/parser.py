@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO bbox evaluation of a detections file")
     p.add_argument("--ann", required=True, metavar="GT.json", help="COCO-format ground truth (instances JSON)")
     p.add_argument("--dets", required=True, metavar="DETS.json", help="detections in COCO results format")
+    p.add_argument("--categories", metavar="a,b", help="score only these categories (comma-separated names), as "
+                   "MMDetection scores a model trained on a subset of them (the COCO-subset finetunes)")  # fmt: skip
     p.add_argument("--classwise", action="store_true", help=CLASSWISE_HELP)
     p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
 

@@ -191,6 +191,13 @@ def test_data_synth_subset_and_eval(capsys: pytest.CaptureFixture[str], tmp_path
     rows = {line[: len(max(names, key=len))].strip(): line.split()[-6:] for line in lines[header + 2:]}
     assert len(rows) == len(names) and all(rows[n][0] == "1.000" for n in present)
     assert all(rows[n] == ["-"] * 6 for n in set(names) - present)
+    # --categories: only those are scored (as a subset-trained model is), an unknown name is one line, exit 2.
+    one = sorted(present)[0]
+    assert main(["eval", "--ann", str(ann), "--dets", str(tmp_path / "dets.json"), "--categories", f"{one}, ",
+                 "--classwise", "--format", "json"]) == 0  # fmt: skip
+    assert list(json.loads(capsys.readouterr().out)["per_category"]) == [one]
+    assert main(["eval", "--ann", str(ann), "--dets", str(tmp_path / "dets.json"), "--categories", "people"]) == 2
+    assert "unknown category 'people'" in capsys.readouterr().err
 
 
 def test_bench_and_verify_hand_the_resolved_cell_to_the_detector(
