@@ -142,7 +142,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     """Train, evaluate and measure; returns the metrics dict (rank 0's is complete)."""
     from detector.data import coco as D
     from detector.data.coco_eval import METRIC_KEYS
-    from detector.model.faster_rcnn import build_detector
+    from detector.model.faster_rcnn import build_detector, match_weight_layout_
 
     try:
         from detector.model import weights
@@ -154,7 +154,7 @@ def run_cell(cell_dir: Path, cfg: DetectorConfig, run: RunConfig, *, rank: int, 
     cfg, cap_deviation = recipes.cap_proposals(cfg, run.proposal_cap)
     model = build_detector(cfg)
     deviations = list(weights.initialise(model, cfg, run))
-    model.to(device)
+    match_weight_layout_(model.to(device))
     phases.mark("build")
     if cap_deviation:
         deviations.insert(0, cap_deviation)

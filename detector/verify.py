@@ -16,7 +16,7 @@ from detector.config import DetectorConfig, RunConfig
 from detector.data import coco as data
 from detector.errors import WeightsError
 from detector.model import weights
-from detector.model.faster_rcnn import build_detector
+from detector.model.faster_rcnn import build_detector, match_weight_layout_
 from detector.train.evaluate import evaluate_model
 
 
@@ -54,7 +54,7 @@ def verify(
     model = build_detector(cfg)
     report = weights.load_detector(model, checkpoint, cfg=cfg, classes=dataset.class_names, contents=obj)
     dev = torch.device(device)
-    model.to(dev).eval()
+    match_weight_layout_(model.to(dev)).eval()
     # Only the images that were run count (all of them unless max_images), as mmdet scores its whole split.
     scores = evaluate_model(model, dataset, device=dev, workers=workers, source=f"detections of {checkpoint}", progress=progress)
     assert scores is not None  # one process: rank 0

@@ -151,8 +151,9 @@ def bench(
         {"fps", "ms_per_img", "images", "warmup", "image_size", "device", "device_class",
          "precision", "mem_gb", "mem_kind"} (memory: peak during this benchmark).
     """
-    from detector.model.faster_rcnn import (
-        build_detector,  # lazy: keeps `measure` importable on its own
+    from detector.model.faster_rcnn import (  # lazy: keeps `measure` importable on its own
+        build_detector,
+        match_weight_layout_,
     )
 
     try:
@@ -162,7 +163,7 @@ def bench(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; allowed here: 'cpu'")
     torch.manual_seed(0)
-    model = build_detector(cfg).to(dev).eval()
+    model = match_weight_layout_(build_detector(cfg).to(dev)).eval()
     amp = resolve_amp(cfg.precision, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -13,20 +13,27 @@ import torch
 import torchvision
 
 
-def time_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int) -> dict[str, list[float]]:
+def time_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int,
+                setup: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
     """`warmup` untimed calls of each, then `rounds` rounds timing each once, the order rotated by
     one every round (for two: alternating) so drift from other load hits all of them alike.
+    `setup[name]`, where given, runs untimed before each call of `name` (a variant's switches).
     Returns the wall-clock seconds of each call, per name."""
     if rounds < 1:
         raise ValueError(f"--pairs: {rounds} must be >= 1")
+    setup = setup or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             fn()
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         k = i % len(names)
         for name in names[k:] + names[:k]:
+            if name in setup:
+                setup[name]()
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +46,7 @@ from detector.bench.report import BEGIN, END, write_reports
 from detector.bench.syncs import count_operators, count_syncs
 from detector.bench.timing import machine, paired_summary, time_rounds
 from detector.model.backbones import set_fold_bn_
-from detector.model.faster_rcnn import FasterRCNN
+from detector.model.faster_rcnn import FasterRCNN, match_weight_layout_
 
 # --------------------------------------------------------------------------- one call of each kind
 
@@ -106,9 +107,11 @@ FAST_PATHS: tuple[str, ...] = ("channels_last", "fold_bn", "roi_threads")
 
 
 def set_fast_paths(model: FasterRCNN, *, channels_last: bool, fold_bn: bool, roi_threads: bool) -> None:
-    """The switches of ours: NHWC CPU batches (`FasterRCNN.cpu_channels_last`), frozen BN folded into
-    its conv (`backbones.set_fold_bn_`), CPU RoIAlign over threads (`RoIPooler.cpu_threads`)."""
+    """The switches of ours: NHWC CPU batches and conv weights (`FasterRCNN.cpu_channels_last`,
+    `match_weight_layout_`), frozen BN folded into its conv (`backbones.set_fold_bn_`), CPU RoIAlign
+    over threads (`RoIPooler.cpu_threads`)."""
     model.cpu_channels_last = channels_last
+    match_weight_layout_(model)  # no copy where the weights are in that layout already
     set_fold_bn_(model, "auto" if fold_bn else "off")
     model.roi_head.bbox_roi_extractor.cpu_threads = roi_threads
 
@@ -118,17 +121,15 @@ def ablation(ours: FasterRCNN, ours_call: Callable[[], Any], theirs_call: Callab
     rotating rounds together with torchvision. Rows `{"variant", "median_s", "ratio"}` (ratio: median
     over rounds of variant / torchvision in the same round). All paths are on again afterwards."""
     variants: dict[str, Callable[[], Any]] = {"torchvision": theirs_call}
+    switches: dict[str, Callable[[], Any]] = {}
     for n in range(len(FAST_PATHS) + 1):
         flags = {name: i < n for i, name in enumerate(FAST_PATHS)}
         label = "none" if n == 0 else "+" + FAST_PATHS[n - 1]
-
-        def call(flags: dict[str, bool] = flags) -> Any:
-            set_fast_paths(ours, **flags)  # a few attribute writes: negligible inside the timing
-            return ours_call()
-
-        variants[label] = call
+        variants[label] = ours_call
+        # Untimed before each call: switching the weight layout copies every conv weight.
+        switches[label] = functools.partial(set_fast_paths, ours, **flags)
     try:
-        times = time_rounds(variants, rounds=rounds, warmup=warmup)
+        times = time_rounds(variants, rounds=rounds, warmup=warmup, setup=switches)
     finally:
         set_fast_paths(ours, **{name: True for name in FAST_PATHS})
     tv = times.pop("torchvision")
@@ -165,7 +166,7 @@ def memory_probe(which: str, mode: str, settings: BenchSettings, *, calls: int =
     second shows the steady state; the peak covers both."""
     torch.set_num_threads(settings.threads)
     ours, theirs = build_pair(settings)
-    model = ours if which == "ours" else theirs
+    model = match_weight_layout_(ours) if which == "ours" else theirs
     del ours, theirs
     images, targets = make_inputs(settings, 1 if mode == "infer" else settings.train_images)
     if which == "theirs":
@@ -224,6 +225,7 @@ def run(
     torch.set_num_threads(settings.threads)
     load_before = machine()["loadavg_1_5_15"]
     ours, theirs = build_pair(settings)
+    match_weight_layout_(ours)  # as a cell's run places it (NHWC weights on CPU)
     images, targets = make_inputs(settings, settings.train_images)
     tv_images, tv_targets = theirs_inputs(images, targets)
 

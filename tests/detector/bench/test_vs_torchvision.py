@@ -82,6 +82,23 @@ def test_time_pairs_alternates_and_takes_the_median_ratio(monkeypatch: pytest.Mo
         bench.time_pairs(fake("ours"), fake("theirs"), pairs=0, warmup=0)
 
 
+def test_time_rounds_runs_each_setup_untimed_before_its_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+    def step(name: str, seconds: float):
+        def fn() -> None:
+            calls.append(name)
+            now[0] += seconds
+        return fn
+
+    times = timing.time_rounds({"a": step("a", 1.0), "b": step("b", 2.0)}, rounds=2, warmup=1,
+                               setup={"a": step("setup a", 100.0)})  # fmt: skip
+    assert calls == ["setup a", "a", "b", "setup a", "a", "b", "b", "setup a", "a"]
+    assert times == {"a": [1.0, 1.0], "b": [2.0, 2.0]}  # the setup's 100 s in no timing
+
+
 def test_tiny_run_writes_bench_json_and_keeps_notes(tmp_path: Path) -> None:
     doc = bench.run(SMALL, log=lambda _: None)
     assert min(doc["detections_per_image"].values()) > 0
@@ -122,15 +139,19 @@ def test_ablation_adds_one_fast_path_per_variant_and_restores_them(pair: tuple[t
     ours, _ = pair
     seen: list[tuple[bool, bool, bool]] = []
 
+    weight = ours.backbone.layer1[0].conv2.weight
+
     def ours_call() -> None:
         fold = all(m.fold_bn == "auto" for m in ours.modules() if hasattr(m, "fold_bn"))
-        seen.append((ours.cpu_channels_last, fold, ours.roi_head.bbox_roi_extractor.cpu_threads))
+        nhwc = weight.is_contiguous(memory_format=torch.channels_last)  # the weights follow the batches' layout
+        seen.append((ours.cpu_channels_last and nhwc, fold, ours.roi_head.bbox_roi_extractor.cpu_threads))
 
     rows = bench.ablation(ours, ours_call, lambda: None, rounds=1, warmup=0)
     assert [r["variant"] for r in rows] == ["torchvision", "none", "+channels_last", "+fold_bn", "+roi_threads"]
     assert seen == [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
     ours_call()
     assert seen[-1] == (True, True, True)
+    assert not weight.is_contiguous()  # NCHW only while "none" ran
     table = render_ablation({"infer": rows, "train": None})
     assert [line.split(" | ")[0] for line in table if line.startswith("| ")][1:] == [
         "| torchvision", "| none", "| +channels_last", "| +fold_bn", "| +roi_threads"]

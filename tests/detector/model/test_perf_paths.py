@@ -2,8 +2,8 @@
 
 Each fast path has a switch; with it off the model runs the plain PyTorch modules:
 `fold.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
-`FasterRCNN.cpu_channels_last` (NHWC batches on CPU) and `RoIPooler.cpu_threads` (CPU RoIAlign
-split over threads).
+`FasterRCNN.cpu_channels_last` with `match_weight_layout_` (NHWC batches and conv weights on CPU)
+and `RoIPooler.cpu_threads` (CPU RoIAlign split over threads).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 
 from detector.config import DetectorConfig, ProposalConfig
 from detector.model.backbones import set_fold_bn_
-from detector.model.faster_rcnn import FasterRCNN, build_detector
+from detector.model.faster_rcnn import FasterRCNN, build_detector, match_weight_layout_
 from detector.model.fold import conv_bn
 from detector.model.poolers import (
     RoIPooler,
@@ -103,6 +103,7 @@ def _assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3, 
 def _plain(model: FasterRCNN) -> FasterRCNN:
     plain = copy.deepcopy(model)
     plain.cpu_channels_last = False
+    match_weight_layout_(plain)
     plain.roi_head.bbox_roi_extractor.cpu_threads = False
     set_fold_bn_(plain, "off")
     return plain
@@ -116,6 +117,7 @@ def models() -> tuple[FasterRCNN, FasterRCNN]:
     with torch.no_grad():
         # Well-separated class scores so that the detections themselves are comparable.
         fast.roi_head.bbox_head.fc_cls.bias[:3] = torch.tensor([6.0, 4.0, 2.0])
+    match_weight_layout_(fast)  # as a cell's run places it
     return fast, _plain(fast)
 
 
@@ -165,6 +167,7 @@ def _switched(plain: FasterRCNN, fast_path: str) -> FasterRCNN:
         model.roi_head.bbox_roi_extractor.cpu_threads = True
     if fast_path in ("channels_last", "all"):
         model.cpu_channels_last = True
+        match_weight_layout_(model)
     return model
 
 
@@ -193,6 +196,48 @@ def test_fast_and_plain_training_losses_and_gradients_agree(models: tuple[Faster
             assert torch.equal(g, grads[1][name]), name
         else:
             _assert_close_to_scale(g, grads[1][name], rel=FAST_PATHS[fast_path], name=name)
+
+
+def _weight_copies(model: FasterRCNN) -> int:
+    """Layout conversions of a k x k (k > 1) conv weight or its gradient during one training step:
+    copies made by `contiguous` (a clone) or by autograd laying a gradient out as its weight (a 1x1
+    weight is the same memory in either layout). oneDNN's own per-call `to` in the backward is not one."""
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1}
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0]]), "labels": torch.tensor([1])}] * 2
+    model.train()
+    torch.manual_seed(3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        sum(model(_images(2), targets).values()).backward()
+    model.zero_grad(set_to_none=True)
+    return sum(1 for e in prof.events() if e.name == "aten::copy_" and e.input_shapes and tuple(e.input_shapes[0]) in shapes
+               and e.cpu_parent is not None and e.cpu_parent.name in ("aten::clone", "torch::autograd::AccumulateGrad"))
+
+
+def test_matched_weight_layout_spares_every_weight_copy_and_changes_no_number(models: tuple[FasterRCNN, FasterRCNN]) -> None:
+    """NHWC batches with NCHW weights made oneDNN copy each 3x3 weight (and its gradient) at every call;
+    with the weights NHWC too (`match_weight_layout_`) none is copied, and losses and gradients are equal."""
+    fast, _ = models
+    unmatched = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
+    assert fast.backbone.layer1[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not unmatched.backbone.layer1[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert _weight_copies(unmatched) >= 2 * 12  # forward and backward, over a dozen 3x3 convs
+    assert _weight_copies(fast) == 0
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0]]), "labels": torch.tensor([1])}] * 2
+    losses, grads = [], []
+    for model in (fast, unmatched):
+        torch.manual_seed(3)
+        out = model.train()(_images(2), targets)
+        sum(out.values()).backward()
+        losses.append({k: v.detach() for k, v in out.items()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    for key in losses[0]:
+        torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-6, atol=1e-7)
+    for name, g in grads[0].items():
+        _assert_close_to_scale(g, grads[1][name], rel=1e-5, name=name)
+    # Where batches are NCHW (a GPU's default, or the switch off), the weights go back to NCHW.
+    plain = match_weight_layout_(_plain(fast))
+    assert all(p.is_contiguous() for p in plain.parameters())
 
 
 @pytest.mark.parametrize(("num_images", "channels_last"), [(1, False), (3, False), (2, True)])
