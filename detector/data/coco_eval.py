@@ -110,7 +110,8 @@ def score(coco_gt: COCO, detections: list[dict[str, Any]], *, cat_ids: Sequence[
             values = precision[iou, :, k, area, -1]
             values = values[values > -1]
             row[key] = float(np.mean(values)) if values.size else None
-        per_category[coco_gt.cats[cat_id]["name"]] = row
+        name = str(coco_gt.cats[cat_id]["name"])
+        per_category[name if name not in per_category else f"{name} (id {cat_id})"] = row  # a repeated name stays apart
     return Scores(stats=stats, per_category=per_category)
 
 

@@ -194,3 +194,13 @@ def test_coco128_with_crowd_equals_pycocotools(tmp_path: Path) -> None:
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in gt["annotations"] if not a["iscrowd"]]
     assert evaluate(load_coco(COCO128), perfect)["bbox_mAP"] == 1.0
+
+
+def test_a_repeated_category_name_keeps_both_categories_apart(tmp_path: Path) -> None:
+    gt = {"images": [{"id": 1, "file_name": "a.jpg", "width": 50, "height": 50}],
+          "categories": [{"id": 1, "name": "widget"}, {"id": 2, "name": "widget"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 20, 20], "area": 400, "iscrowd": 0}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    scores = score(load_coco(path), [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 20, 20], "score": 1.0}])
+    assert scores.category_ap() == {"widget": pytest.approx(1.0), "widget (id 2)": None}
