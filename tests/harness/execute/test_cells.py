@@ -209,8 +209,11 @@ def test_failed_cell_resumes_in_place(tmp_path: Path, fake_cell: Path) -> None:
 
 RUNNER = textwrap.dedent(
     """
-    import sys
+    import signal, sys
     from pathlib import Path
+    # Ctrl-C as at a terminal: a suite started in the background (`cmd &` in a script) hands its
+    # children SIGINT ignored, and the SIGINT test would then wait out the slow cell.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from harness.execute import cells as runs, runner
     from harness.execute.executors import LocalExecutor
     runs_dir, fake, sleep, jobs_n = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
