@@ -19,7 +19,27 @@ from detector.model.faster_rcnn import set_cuda_channels_last_
 TINY = ["--size", "64x96", "--pairs", "1", "--warmup", "0"]
 
 
-def test_cpu_dry_run_writes_json_and_block_keeping_the_cpu_block(tmp_path: Path) -> None:
+@pytest.fixture
+def light_roi_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both models of the pair with 64 sampled RoIs an image and 100 proposals instead of the recipe's
+    512 and 1000 (torchvision's built from the same config): these tests check the run's plumbing.
+    Why: where the CPU has no native bf16 (AVX2), torch's bf16 matmul fallback made the RoI head's
+    backward ~36 s of each 2-image AMP step at the recipe's counts, 3.6 min for this file's dry run."""
+    import dataclasses
+
+    from detector.bench import pair
+    from detector.config import DetectorConfig, ProposalConfig
+
+    cfg = DetectorConfig()
+    light = dataclasses.replace(
+        cfg,
+        rpn=dataclasses.replace(cfg.rpn, train=ProposalConfig(nms_pre=300, max_per_img=100), test=ProposalConfig(nms_pre=300, max_per_img=100)),
+        roi_head=dataclasses.replace(cfg.roi_head, num_samples=64),
+    )
+    monkeypatch.setattr(pair, "our_config", lambda: light)
+
+
+def test_cpu_dry_run_writes_json_and_block_keeping_the_cpu_block(tmp_path: Path, light_roi_head: None) -> None:
     md = tmp_path / "benchmarks.md"
     md.write_text(f"# notes\n\nhand-written\n\n{BEGIN}\nCPU numbers\n{END}\n\nmore notes\n", encoding="utf-8")
     assert gpu.main(["--device", "cpu", *TINY, "--cases", "infer1,train2", "--out", str(tmp_path)]) == 0
@@ -41,7 +61,7 @@ def test_cpu_dry_run_writes_json_and_block_keeping_the_cpu_block(tmp_path: Path)
     assert text.count(BEGIN_GPU) == 1 and text.count(END_GPU) == 1 and "| train2 (2 img)" not in text
 
 
-def test_each_row_is_written_as_it_is_measured(tmp_path: Path) -> None:
+def test_each_row_is_written_as_it_is_measured(tmp_path: Path, light_roi_head: None) -> None:
     """A device call killed at its time limit keeps the rows measured before: the document is handed
     over (and `main` writes it) after every row, marked partial until the end."""
     seen: list[dict] = []
