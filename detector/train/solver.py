@@ -150,6 +150,16 @@ class Amp:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU natively (AVX-512 BF16 or AMX). Without it torch falls back
+    to generic bf16 kernels: a smoke-size R-50-FPN training step measured 9.5x its fp32 time (18.7 s
+    against 2.0 s, AMD EPYC Milan, AVX2)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without this probe: assume native
+        return True
+
+
 def resolve_amp(precision: str, device: torch.device) -> Amp:
     """fp32; amp_fp16 = autocast fp16 (+ loss scaling) on CUDA, bf16 autocast on CPU; bf16."""
     if precision == "fp32":
@@ -157,8 +167,11 @@ def resolve_amp(precision: str, device: torch.device) -> Amp:
     if precision == "amp_fp16":
         if device.type == "cuda":
             return Amp(name="fp16", device_type="cuda", dtype=torch.float16)
+        # Said in the deviation so that a user who waits minutes on the AMP cell of the smoke matrix
+        # on such a CPU reads why (it still runs: the point of the cell there is the AMP code path).
+        slow = "" if cpu_has_native_bf16() else "; this CPU has no native bf16, so it runs emulated, ~10x slower than fp32"
         return Amp(name="bf16", device_type=device.type, dtype=torch.bfloat16,
-                   deviation="amp fp16 on cpu: bf16 autocast instead (fp16 autocast needs CUDA)")  # fmt: skip
+                   deviation=f"amp fp16 on cpu: bf16 autocast instead (fp16 autocast needs CUDA){slow}")  # fmt: skip
     if precision == "bf16":
         return Amp(name="bf16", device_type=device.type, dtype=torch.bfloat16)
     raise ValueError(f"unknown precision {precision!r}; allowed: 'fp32', 'amp_fp16', 'bf16'")
@@ -196,6 +209,7 @@ def make_scaler(amp: Amp, loss_scale: float | str) -> Any | None:
 
 __all__ = [
     "Amp",
+    "cpu_has_native_bf16",
     "LRSchedule",
     "StaticLossScaler",
     "build_optimizer",

@@ -221,13 +221,9 @@ def amp_supported(device: str) -> tuple[bool, str]:
     """Whether AMP can run here: CUDA fp16; on CPU bf16 autocast (detector.train.solver) needs oneDNN bf16."""
     if device.startswith("cuda"):
         return True, ""
-    import torch
+    from detector.train.solver import cpu_has_native_bf16
 
-    try:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without this probe: bf16 autocast still runs
-        supported = True
-    if supported:
+    if cpu_has_native_bf16():
         return True, ""
     return False, "AMP on CPU is bf16 autocast and this CPU has no bf16 support (oneDNN)"
 

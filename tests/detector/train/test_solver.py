@@ -83,12 +83,22 @@ def test_precision_resolution_on_cpu() -> None:
     assert solver.resolve_amp("fp32", CPU).dtype is None
     amp = solver.resolve_amp("amp_fp16", CPU)
     assert amp.name == "bf16" and amp.dtype == torch.bfloat16 and "bf16" in amp.deviation
+    assert ("emulated" in amp.deviation) is not solver.cpu_has_native_bf16()
     assert solver.resolve_amp("bf16", CPU).dtype == torch.bfloat16
     assert solver.make_scaler(amp, "dynamic") is None  # bf16 needs no loss scaling
     with pytest.raises(ValueError, match="allowed"):
         solver.resolve_amp("fp8", CPU)
     fp16 = solver.Amp(name="fp16", device_type="cuda", dtype=torch.float16)
     assert isinstance(solver.make_scaler(fp16, 512.0), solver.StaticLossScaler)
+
+
+def test_the_amp_deviation_says_when_bf16_is_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    for native in (True, False):
+        monkeypatch.setattr(solver, "cpu_has_native_bf16", lambda native=native: native)
+        deviation = solver.resolve_amp("amp_fp16", CPU).deviation
+        assert deviation is not None and deviation.startswith("amp fp16 on cpu: bf16 autocast instead")
+        assert ("no native bf16" in deviation) is not native
+    assert solver.resolve_amp("amp_fp16", torch.device("cuda")).deviation is None  # nothing to say on CUDA
 
 
 def test_bf16_autocast_runs_the_model_in_bf16() -> None:
