@@ -221,7 +221,7 @@ def amp_supported(device: str) -> tuple[bool, str]:
     """Whether AMP can run here: CUDA fp16; on CPU bf16 autocast (detector.train.solver) needs oneDNN bf16."""
     if device.startswith("cuda"):
         return True, ""
-    from detector.train.solver import cpu_has_native_bf16
+    from detector.api import cpu_has_native_bf16
 
     if cpu_has_native_bf16():
         return True, ""
