@@ -30,12 +30,11 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from detector.model.pretrained import PRETRAINED, resolve_local
     from detector.parity.check import parity_check
     from detector.parity.mmdet_side import parity_versions
-    from detector.train.solver import cpu_has_native_bf16
     from detector.verify import verify
 
 __all__ = [
     "AXES", "COCO_CATEGORIES", "DEFAULT_AXES", "USER_ERRORS", "PRETRAINED", "ConfigError", "DataError", "DatasetReport", "DetectorConfig", "Metrics",
-    "RunConfig", "WeightsError", "bench", "build_detector", "cannot_build", "check_classes", "cpu_has_native_bf16", "describe",
+    "RunConfig", "WeightsError", "bench", "build_detector", "cannot_build", "check_classes", "describe",
     "device_class", "parity_check", "parity_versions", "evaluate_files", "make_synthetic_coco", "resolve", "resolve_local", "subset_annotations",
     "validate_split", "verify", "write_json_atomic",
 ]  # fmt: skip
@@ -58,7 +57,6 @@ _LAZY = {
     "verify": "detector.verify",
     "parity_check": "detector.parity.check",  # needs the `parity` group (mmdet, mmengine, mmcv-lite)
     "parity_versions": "detector.parity.mmdet_side",
-    "cpu_has_native_bf16": "detector.train.solver",
 }
 
 

@@ -165,14 +165,10 @@ def plan_checks(spec: RegressionSpec, *, data_root: Path | None, runs_dir: Path,
     base = runs_dir / "regression"
     wanted = candidates(spec)
     chosen = _select([w[0] for w in wanted], only)
-    amp_ok, amp_why = amp_supported(device)
     roots: dict[str, Path] = {}
     checks: list[Check] = []
     for check_id, suite_name, cell in wanted:
         if check_id not in chosen:
-            continue
-        if cell.axes.get("precision") == "amp" and not amp_ok:
-            log(f"note: {check_id} not run: {amp_why}")
             continue
         configure: Callable[[DetectorConfig], DetectorConfig] | None = None
         if suite_name == "overfit":
@@ -215,17 +211,6 @@ def _overfit_recipe(over: Overfit, *, images_per_gpu: int) -> Callable[[Detector
         return dataclasses.replace(cfg, schedule=sched, data=dataclasses.replace(cfg.data, flip_prob=over.flip_prob))
 
     return configure
-
-
-def amp_supported(device: str) -> tuple[bool, str]:
-    """Whether AMP can run here: CUDA fp16; on CPU bf16 autocast (detector.train.solver) needs oneDNN bf16."""
-    if device.startswith("cuda"):
-        return True, ""
-    from detector.api import cpu_has_native_bf16
-
-    if cpu_has_native_bf16():
-        return True, ""
-    return False, "AMP on CPU is bf16 autocast and this CPU has no bf16 support (oneDNN)"
 
 
 def execute(spec: RegressionSpec, checks: list[Check], *, device: str, log: Log) -> dict[str, dict[str, Any]]:
@@ -347,7 +332,6 @@ __all__ = [
     "log_stderr",
     "pick_device",
     "Check",
-    "amp_supported",
     "cell_metrics",
     "candidates",
     "ci_mode",

@@ -83,7 +83,7 @@ def test_precision_resolution_on_cpu() -> None:
     assert solver.resolve_amp("fp32", CPU).dtype is None
     amp = solver.resolve_amp("amp_fp16", CPU)
     assert amp.name == "bf16" and amp.dtype == torch.bfloat16 and "bf16" in amp.deviation
-    assert ("emulated" in amp.deviation) is not solver.cpu_has_native_bf16()
+    assert amp.emulated is not solver.cpu_has_native_bf16()
     assert solver.resolve_amp("bf16", CPU).dtype == torch.bfloat16
     assert solver.make_scaler(amp, "dynamic") is None  # bf16 needs no loss scaling
     with pytest.raises(ValueError, match="allowed"):
@@ -92,20 +92,27 @@ def test_precision_resolution_on_cpu() -> None:
     assert isinstance(solver.make_scaler(fp16, 512.0), solver.StaticLossScaler)
 
 
-def test_the_amp_deviation_says_when_bf16_is_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_is_emulated_and_said_so_where_the_cpu_has_no_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     for native in (True, False):
         monkeypatch.setattr(solver, "cpu_has_native_bf16", lambda native=native: native)
-        deviation = solver.resolve_amp("amp_fp16", CPU).deviation
-        assert deviation is not None and deviation.startswith("amp fp16 on cpu: bf16 autocast instead")
-        assert ("no native bf16" in deviation) is not native
-    assert solver.resolve_amp("amp_fp16", torch.device("cuda")).deviation is None  # nothing to say on CUDA
+        amp = solver.resolve_amp("amp_fp16", CPU)
+        assert amp.deviation is not None and amp.deviation.startswith("amp fp16 on cpu: bf16 autocast instead")
+        assert ("no native bf16" in amp.deviation) is not native
+        assert amp.emulated is not native
+        bf16 = solver.resolve_amp("bf16", CPU)
+        assert bf16.emulated is not native and (bf16.deviation is None) is native
+    cuda = solver.resolve_amp("amp_fp16", torch.device("cuda"))
+    assert cuda.deviation is None and not cuda.emulated  # nothing to say on CUDA
 
 
-def test_bf16_autocast_runs_the_model_in_bf16() -> None:
-    amp = solver.resolve_amp("bf16", CPU)
-    lin = nn.Linear(4, 4)
+@pytest.mark.parametrize("emulated", [False, True])
+def test_bf16_autocast_runs_the_model_in_bf16(emulated: bool) -> None:
+    amp = solver.Amp(name="bf16", device_type="cpu", dtype=torch.bfloat16, emulated=emulated)
+    lin, conv = nn.Linear(4, 4), nn.Conv2d(3, 4, 3)
     with amp.autocast():
         assert lin(torch.ones(1, 4)).dtype == torch.bfloat16
+        assert conv(torch.ones(1, 3, 5, 5)).dtype == torch.bfloat16
+    assert lin(torch.ones(1, 4)).dtype == torch.float32  # and nothing stays on after the block
 
 
 def test_static_loss_scaler_unscales_and_skips_overflow() -> None:
