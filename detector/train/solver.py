@@ -50,7 +50,12 @@ def build_optimizer(model: nn.Module, schedule: ScheduleConfig, *, lr: float) ->
         groups = [{"params": decay, "weight_decay": wd}, {"params": norm, "weight_decay": wd * schedule.norm_decay_mult}]
     groups = [g for g in groups if g["params"]]
     if schedule.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=schedule.momentum, weight_decay=wd)
+        # On CPU, torch's fused SGD makes the step's passes over each parameter (weight decay, momentum,
+        # update) one: R-50-FPN's step 0.093 -> 0.028 s, DC5's (a 100M-parameter fc6) 0.60 -> 0.095 s on
+        # one AVX2 core; the same update up to float rounding (5e-8 relative, test_solver.py). Other
+        # devices keep torch's default (foreach on CUDA).
+        on_cpu = all(p.device.type == "cpu" for g in groups for p in g["params"])
+        return torch.optim.SGD(groups, lr=lr, momentum=schedule.momentum, weight_decay=wd, fused=on_cpu or None)
     if schedule.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
     raise ValueError(f"unknown optimizer {schedule.optimizer!r}; allowed: 'sgd', 'adamw'")
