@@ -119,7 +119,12 @@ def slurm(session: nox.Session) -> None:
     import tempfile
 
     _install(session, extras="cluster")
-    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b) is None]
+    # Debian installs the daemons (munged, slurmctld, slurmd) in /usr/sbin, which a user's or a CI
+    # runner's PATH may lack: look there too, for this check and for the scripts below.
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    path += [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in path]
+    session.env["PATH"] = os.pathsep.join(path)
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b, path=session.env["PATH"]) is None]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         session.log(f"slurm: installing slurm-wlm and munge with apt (missing: {', '.join(missing)})")
         session.run("apt-get", "update", "-qq", external=True)
