@@ -46,7 +46,7 @@ from detector.bench.report import BEGIN, END, write_reports
 from detector.bench.syncs import count_operators, count_syncs
 from detector.bench.timing import machine, paired_summary, time_rounds
 from detector.model.backbones import set_fold_bn_
-from detector.model.faster_rcnn import FasterRCNN, match_weight_layout_
+from detector.model.faster_rcnn import FasterRCNN, cpu_trains_nhwc, match_weight_layout_
 
 # --------------------------------------------------------------------------- one call of each kind
 
@@ -107,10 +107,11 @@ FAST_PATHS: tuple[str, ...] = ("channels_last", "fold_bn", "roi_threads")
 
 
 def set_fast_paths(model: FasterRCNN, *, channels_last: bool, fold_bn: bool, roi_threads: bool) -> None:
-    """The switches of ours: NHWC CPU batches and conv weights (`FasterRCNN.cpu_channels_last`,
-    `match_weight_layout_`), frozen BN folded into its conv (`backbones.set_fold_bn_`), CPU RoIAlign
-    over threads (`RoIPooler.cpu_threads`)."""
+    """The switches of ours: NHWC CPU batches and conv weights (`FasterRCNN.cpu_channels_last`, in
+    training only where `cpu_trains_nhwc`; `match_weight_layout_`), frozen BN folded into its conv
+    (`backbones.set_fold_bn_`), CPU RoIAlign over threads (`RoIPooler.cpu_threads`)."""
     model.cpu_channels_last = channels_last
+    model.cpu_channels_last_train = channels_last and cpu_trains_nhwc()  # as the model decides by default
     match_weight_layout_(model)  # no copy where the weights are in that layout already
     set_fold_bn_(model, "auto" if fold_bn else "off")
     model.roi_head.bbox_roi_extractor.cpu_threads = roi_threads

@@ -52,7 +52,9 @@ class FasterRCNN(nn.Module):
         self.pad_divisor = cfg.data.pad_divisor
         # CPU batches go channels-last (NHWC): oneDNN's convolutions run NHWC natively, so every conv
         # skips the NCHW <-> blocked reorders of its input and output (same math, see benchmarks.md).
+        # In inference always; in training only where oneDNN's NHWC backward pays (`cpu_trains_nhwc`).
         self.cpu_channels_last = True
+        self.cpu_channels_last_train = cpu_trains_nhwc()
         # The same on CUDA is a candidate fast path (cuDNN's tensor-core kernels are NHWC, so NCHW
         # fp16 convs pay transposes), off until measured (`python -m detector.bench.gpu --ablation`);
         # it wants the conv weights channels-last too: `set_cuda_channels_last_`.
@@ -79,6 +81,17 @@ class FasterRCNN(nn.Module):
             max_rois = self.rpn_head.cfg.train.max_per_img  # the RPN keeps at most this many per image
             return {**rpn_losses, **self.roi_head.loss(feats, rois, targets, max_rois_per_image=max_rois)}
         return self.roi_head.predict(feats, rois, image_sizes, self.scale_factors(image_sizes, original_sizes))
+
+    def train(self, mode: bool = True) -> FasterRCNN:
+        """Also moves the 4-D weights to the new mode's batch layout where that differs (on a CPU
+        that trains NCHW and infers NHWC, `cpu_trains_nhwc`), so no convolution copies its weight at
+        every call. Same values either way; the parameters stay the same objects."""
+        device = self.pixel_mean.device
+        before = self.memory_format(device)
+        super().train(mode)
+        if self.memory_format(device) != before:
+            match_weight_layout_(self)
+        return self
 
     def dense(self, batch: Tensor) -> tuple[list[Tensor], tuple[list[Tensor], list[Tensor]]]:
         """Backbone, neck and the RPN's convs: the part of the network whose shapes are the batch's.
@@ -125,8 +138,12 @@ class FasterRCNN(nn.Module):
         return batch, image_sizes, pad_shapes
 
     def memory_format(self, device: torch.device) -> torch.memory_format:
-        """The layout of this model's batches on `device` (`cpu_channels_last`, `cuda_channels_last`)."""
-        nhwc = self.cpu_channels_last if device.type == "cpu" else self.cuda_channels_last and device.type == "cuda"
+        """The layout of this model's batches on `device` in its current mode (`cpu_channels_last` in
+        inference, `cpu_channels_last_train` in training, `cuda_channels_last`)."""
+        if device.type == "cpu":
+            nhwc = self.cpu_channels_last_train if self.training else self.cpu_channels_last
+        else:
+            nhwc = self.cuda_channels_last and device.type == "cuda"
         return torch.channels_last if nhwc else torch.contiguous_format
 
     def scale_factors(self, image_sizes: Tensor, original_sizes: list[tuple[int, int]] | None) -> Tensor | None:
@@ -139,6 +156,15 @@ class FasterRCNN(nn.Module):
         return orig / image_sizes.flip(1).float()
 
 
+def cpu_trains_nhwc() -> bool:
+    """Whether CPU training steps run NHWC: where torch dispatches to AVX-512 kernels. There oneDNN's
+    NHWC convolutions win forward and backward (R-50-FPN step at 800x1333: ratio to torchvision 0.85
+    NHWC against 1.00 NCHW, AVX-512 AMD EPYC). On an AVX2-only CPU its NHWC backward loses more than the
+    forward gains: 1.26 against 1.01 (AMD EPYC Milan; convolution_backward 10.7 s against 6.9 s a step
+    at 512x832), so training stays NCHW there; inference is NHWC on both (0.73 against 0.89 on AVX2)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def set_cuda_channels_last_(model: FasterRCNN, on: bool) -> None:
     """NHWC batches on CUDA and the model's 4-D weights converted to match (or both back to NCHW)."""
     model.cuda_channels_last = on
@@ -146,7 +172,8 @@ def set_cuda_channels_last_(model: FasterRCNN, on: bool) -> None:
 
 
 def match_weight_layout_(model: FasterRCNN) -> FasterRCNN:
-    """The model's 4-D weights in the layout its batches take on the device it is on (`memory_format`).
+    """The model's 4-D weights in the layout its batches take on the device it is on, in its current
+    mode (`memory_format`): call it after `.train()` / `.eval()` where the two layouts differ.
 
     A convolution whose weight is not in its input's layout copies the weight at every call and its
     gradient at every backward: on CPU, where batches are NHWC, each 3x3 weight was copied 4 times a
@@ -183,4 +210,5 @@ def describe(cfg: DetectorConfig) -> dict[str, Any]:
     return {"name": cfg.name, "params_total": total, "params_trainable": trainable, "config": cfg.to_dict()}
 
 
-__all__ = ["FasterRCNN", "build_detector", "count_parameters", "describe", "match_weight_layout_", "set_cuda_channels_last_"]
+__all__ = ["FasterRCNN", "build_detector", "count_parameters", "cpu_trains_nhwc", "describe", "match_weight_layout_",
+           "set_cuda_channels_last_"]

@@ -141,7 +141,7 @@ def _stages(name: str, cfg: DetectorConfig, mcfg: Any, images: list[Image], *, s
     ours = build_detector(cfg)
     if plain:
         set_fold_bn_(ours, "off")
-        ours.cpu_channels_last = False
+        ours.cpu_channels_last = ours.cpu_channels_last_train = False
     stages: list[StageResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{name}.pth"

@@ -128,8 +128,9 @@ def test_a_change_of_the_weights_drops_every_graph(change: str) -> None:
     elif change == "load_state_dict":
         state = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(state)
-    elif change == "memory_format":  # new storage for every 4-D weight
-        model.to(memory_format=torch.channels_last)
+    elif change == "memory_format":  # new storage for every 4-D weight: the other layout
+        nhwc = model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        model.to(memory_format=torch.contiguous_format if nhwc else torch.channels_last)
     elif change == "new_parameter":  # another object in the same place, same values
         fc = model.roi_head.bbox_head.fc_cls
         fc.weight = torch.nn.Parameter(fc.weight.detach().clone())

@@ -2,7 +2,8 @@
 
 Each fast path has a switch; with it off the model runs the plain PyTorch modules:
 `fold.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
-`FasterRCNN.cpu_channels_last` with `match_weight_layout_` (NHWC batches and conv weights on CPU)
+`FasterRCNN.cpu_channels_last` / `cpu_channels_last_train` with `match_weight_layout_` (NHWC batches
+and conv weights on CPU, in training only where `cpu_trains_nhwc`)
 and `RoIPooler.cpu_threads` (CPU RoIAlign split over threads).
 """
 
@@ -18,7 +19,7 @@ from torchvision.ops import box_iou
 
 from detector.config import DetectorConfig, ProposalConfig
 from detector.model.backbones import set_fold_bn_
-from detector.model.faster_rcnn import FasterRCNN, build_detector, match_weight_layout_
+from detector.model.faster_rcnn import FasterRCNN, build_detector, cpu_trains_nhwc, match_weight_layout_
 from detector.model.fold import conv_bn
 from detector.model.poolers import (
     RoIPooler,
@@ -102,7 +103,7 @@ def _assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3, 
 
 def _plain(model: FasterRCNN) -> FasterRCNN:
     plain = copy.deepcopy(model)
-    plain.cpu_channels_last = False
+    plain.cpu_channels_last = plain.cpu_channels_last_train = False
     match_weight_layout_(plain)
     plain.roi_head.bbox_roi_extractor.cpu_threads = False
     set_fold_bn_(plain, "off")
@@ -117,6 +118,8 @@ def models() -> tuple[FasterRCNN, FasterRCNN]:
     with torch.no_grad():
         # Well-separated class scores so that the detections themselves are comparable.
         fast.roi_head.bbox_head.fc_cls.bias[:3] = torch.tensor([6.0, 4.0, 2.0])
+    # NHWC in training too, whatever this CPU's default (`cpu_trains_nhwc`): the path is tested everywhere.
+    fast.cpu_channels_last_train = True
     match_weight_layout_(fast)  # as a cell's run places it
     return fast, _plain(fast)
 
@@ -204,7 +207,7 @@ def _switched(plain: FasterRCNN, fast_path: str) -> FasterRCNN:
     if fast_path in ("roi_threads", "all"):
         model.roi_head.bbox_roi_extractor.cpu_threads = True
     if fast_path in ("channels_last", "all"):
-        model.cpu_channels_last = True
+        model.cpu_channels_last = model.cpu_channels_last_train = True
         match_weight_layout_(model)
     return model
 
@@ -269,6 +272,43 @@ def test_matched_weight_layout_spares_every_weight_copy_and_changes_no_number(mo
     # Where batches are NCHW (a GPU's default, or the switch off), the weights go back to NCHW.
     plain = match_weight_layout_(_plain(fast))
     assert all(p.is_contiguous() for p in plain.parameters())
+
+
+@pytest.mark.parametrize(("capability", "trains_nhwc"), [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False),
+                                                        ("DEFAULT", False)])
+def test_cpu_training_layout_follows_the_cpu(capability: str, trains_nhwc: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NHWC training only where torch runs AVX-512 kernels (AVX2: oneDNN's NHWC backward loses more
+    than its forward wins, reports/benchmarks.md); inference is NHWC on every CPU."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_trains_nhwc() is trains_nhwc
+    model = build_detector(SMALL_CFG)
+    cpu = torch.device("cpu")
+    assert model.cpu_channels_last_train is trains_nhwc
+    assert model.train().memory_format(cpu) == (torch.channels_last if trains_nhwc else torch.contiguous_format)
+    assert model.eval().memory_format(cpu) == torch.channels_last
+    with torch.inference_mode():
+        assert model.preprocess(_images(1))[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_switching_mode_moves_the_weights_to_the_new_layout_and_keeps_them(models: tuple[FasterRCNN, FasterRCNN]) -> None:
+    """On a CPU that trains NCHW and infers NHWC, `.eval()` / `.train()` convert the 4-D weights (same
+    Parameter objects, same values), so neither mode copies a weight at every call; where both modes
+    share a layout nothing moves."""
+    fast, _ = models
+    model = copy.deepcopy(fast)
+    model.cpu_channels_last_train = False
+    match_weight_layout_(model.train())
+    conv = model.backbone.layer1[0].conv2.weight
+    before = conv.detach().clone()
+    assert conv.is_contiguous() and _weight_copies(model) == 0
+    model.eval()
+    assert model.backbone.layer1[0].conv2.weight is conv and conv.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.detach(), before)
+    model.train()
+    assert conv.is_contiguous() and torch.equal(conv.detach(), before) and _weight_copies(model) == 0
+    same = copy.deepcopy(fast).train()  # NHWC in both modes
+    ptr = same.backbone.layer1[0].conv2.weight.data_ptr()
+    assert same.eval().backbone.layer1[0].conv2.weight.data_ptr() == ptr
 
 
 @pytest.mark.parametrize(("num_images", "channels_last"), [(1, False), (3, False), (2, True)])
