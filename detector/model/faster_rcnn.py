@@ -173,7 +173,7 @@ def set_cuda_channels_last_(model: FasterRCNN, on: bool) -> None:
 
 def match_weight_layout_(model: FasterRCNN) -> FasterRCNN:
     """The model's 4-D weights in the layout its batches take on the device it is on, in its current
-    mode (`memory_format`): call it after `.train()` / `.eval()` where the two layouts differ.
+    mode (`memory_format`); `FasterRCNN.train()` / `.eval()` call it when the mode's layout changes.
 
     A convolution whose weight is not in its input's layout copies the weight at every call and its
     gradient at every backward: on CPU, where batches are NHWC, each 3x3 weight was copied 4 times a
