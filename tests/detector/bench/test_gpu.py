@@ -42,13 +42,15 @@ def light_roi_head(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cpu_dry_run_writes_json_and_block_keeping_the_cpu_block(tmp_path: Path, light_roi_head: None) -> None:
     md = tmp_path / "benchmarks.md"
     md.write_text(f"# notes\n\nhand-written\n\n{BEGIN}\nCPU numbers\n{END}\n\nmore notes\n", encoding="utf-8")
-    assert gpu.main(["--device", "cpu", *TINY, "--cases", "infer1,train2", "--out", str(tmp_path)]) == 0
+    # Without the profile here: profiling the AMP training step doubled this test's 68 s on a CPU
+    # without native bf16; the second run below profiles (the same `profile_call` for every case).
+    assert gpu.main(["--device", "cpu", *TINY, "--cases", "infer1,train2", "--no-profile", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert set(doc["results"]) == {"infer1/fp32", "train2/fp32", "infer1/amp", "train2/amp"}
     row = doc["results"]["train2/amp"]
     assert row["images"] == 2 and row["ours_median_s"] > 0 and row["theirs_median_s"] > 0
     assert row["ours_peak_gib"] is None and row["ours_syncs"] is None  # CUDA-only columns
-    assert row["ours_profile"]["wall_ms"] > 0 and row["ours_profile"]["top"]
+    assert "ours_profile" not in row
     assert doc["results"]["infer1/fp32"]["ours_fps"] > 0
     goals = {g["goal"]: g for g in doc["goals"]}
     assert all(g["value"] is not None for g in goals.values())
@@ -56,7 +58,9 @@ def test_cpu_dry_run_writes_json_and_block_keeping_the_cpu_block(tmp_path: Path,
     assert "hand-written" in text and "CPU numbers" in text and "more notes" in text  # kept
     assert text.count(BEGIN_GPU) == 1 and "| train2 (2 img) | amp |" in text
     # A second run replaces the block instead of adding one.
-    assert gpu.main(["--device", "cpu", *TINY, "--cases", "infer1", "--precisions", "fp32", "--no-profile", "--out", str(tmp_path)]) == 0
+    assert gpu.main(["--device", "cpu", *TINY, "--cases", "infer1", "--precisions", "fp32", "--out", str(tmp_path)]) == 0
+    profile = json.loads((tmp_path / "bench_gpu.json").read_text())["results"]["infer1/fp32"]["ours_profile"]
+    assert profile["wall_ms"] > 0 and profile["top"]
     text = md.read_text()
     assert text.count(BEGIN_GPU) == 1 and text.count(END_GPU) == 1 and "| train2 (2 img)" not in text
 
