@@ -103,18 +103,20 @@ def time_pairs(ours: Callable[[], Any], theirs: Callable[[], Any], *, pairs: int
 
 
 # Our fast paths in the order they were added; `ablation` switches them on one after another.
-FAST_PATHS: tuple[str, ...] = ("channels_last", "fold_bn", "roi_threads")
+FAST_PATHS: tuple[str, ...] = ("channels_last", "fold_bn", "roi_threads", "roi_grad")
 
 
-def set_fast_paths(model: FasterRCNN, *, channels_last: bool, fold_bn: bool, roi_threads: bool) -> None:
+def set_fast_paths(model: FasterRCNN, *, channels_last: bool, fold_bn: bool, roi_threads: bool, roi_grad: bool) -> None:
     """The switches of ours: NHWC CPU batches and conv weights (`FasterRCNN.cpu_channels_last`, in
     training only where `cpu_trains_nhwc`; `match_weight_layout_`), frozen BN folded into its conv
-    (`backbones.set_fold_bn_`), CPU RoIAlign over threads (`RoIPooler.cpu_threads`)."""
+    (`backbones.set_fold_bn_`), CPU RoIAlign over threads (`RoIPooler.cpu_threads`) and its gradient
+    as one sparse product (`RoIPooler.cpu_sparse_grad`; training only)."""
     model.cpu_channels_last = channels_last
     model.cpu_channels_last_train = channels_last and cpu_trains_nhwc()  # as the model decides by default
     match_weight_layout_(model)  # no copy where the weights are in that layout already
     set_fold_bn_(model, "auto" if fold_bn else "off")
     model.roi_head.bbox_roi_extractor.cpu_threads = roi_threads
+    model.roi_head.bbox_roi_extractor.cpu_sparse_grad = roi_grad
 
 
 def ablation(ours: FasterRCNN, ours_call: Callable[[], Any], theirs_call: Callable[[], Any], *, rounds: int, warmup: int) -> list[dict[str, Any]]:

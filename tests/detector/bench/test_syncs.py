@@ -57,7 +57,8 @@ def test_a_frozen_backbone_launches_one_kernel_per_conv_once_folded() -> None:
 def _training_step_syncs(num_images: int, *, nms_per_level: bool) -> tuple[int, dict[str, int]]:
     settings = BenchSettings(size=(128, 160), gt_per_image=4)
     ours, _ = build_pair(settings)
-    ours.roi_head.bbox_roi_extractor.cpu_threads = False  # the CPU-only threaded RoIAlign
+    # The CPU-only RoIAlign paths (threads, the sparse gradient) never run on CUDA.
+    ours.roi_head.bbox_roi_extractor.cpu_threads = ours.roi_head.bbox_roi_extractor.cpu_sparse_grad = False
     ours.rpn_head.nms_per_level = nms_per_level
     images, targets = make_inputs(settings, num_images)
     ours.train()

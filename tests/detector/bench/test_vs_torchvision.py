@@ -137,22 +137,24 @@ def test_bad_flags_exit_with_usage_error(argv: list[str]) -> None:
 
 def test_ablation_adds_one_fast_path_per_variant_and_restores_them(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
     ours, _ = pair
-    seen: list[tuple[bool, bool, bool]] = []
+    seen: list[tuple[bool, bool, bool, bool]] = []
 
     weight = ours.backbone.layer1[0].conv2.weight
 
     def ours_call() -> None:
         fold = all(m.fold_bn == "auto" for m in ours.modules() if hasattr(m, "fold_bn"))
         nhwc = weight.is_contiguous(memory_format=torch.channels_last)  # the weights follow the batches' layout
-        seen.append((ours.cpu_channels_last and nhwc, fold, ours.roi_head.bbox_roi_extractor.cpu_threads))
+        pooler = ours.roi_head.bbox_roi_extractor
+        seen.append((ours.cpu_channels_last and nhwc, fold, pooler.cpu_threads, pooler.cpu_sparse_grad))
 
     rows = bench.ablation(ours, ours_call, lambda: None, rounds=1, warmup=0)
-    assert [r["variant"] for r in rows] == ["torchvision", "none", "+channels_last", "+fold_bn", "+roi_threads"]
-    assert seen == [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    assert [r["variant"] for r in rows] == ["torchvision", "none", "+channels_last", "+fold_bn", "+roi_threads", "+roi_grad"]
+    assert seen == [(False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
+                    (True, True, True, True)]
     ours_call()
-    assert seen[-1] == (True, True, True)
+    assert seen[-1] == (True, True, True, True)
     assert not weight.is_contiguous()  # NCHW only while "none" ran
     table = render_ablation({"infer": rows, "train": None})
     assert [line.split(" | ")[0] for line in table if line.startswith("| ")][1:] == [
-        "| torchvision", "| none", "| +channels_last", "| +fold_bn", "| +roi_threads"]
+        "| torchvision", "| none", "| +channels_last", "| +fold_bn", "| +roi_threads", "| +roi_grad"]
     assert table[-1].endswith("| - | - |")  # no training rows

@@ -4,7 +4,8 @@ Each fast path has a switch; with it off the model runs the plain PyTorch module
 `fold.conv_bn` / `set_fold_bn_` (frozen BN folded into its conv),
 `FasterRCNN.cpu_channels_last` / `cpu_channels_last_train` with `match_weight_layout_` (NHWC batches
 and conv weights on CPU, in training only where `cpu_trains_nhwc`)
-and `RoIPooler.cpu_threads` (CPU RoIAlign split over threads).
+`RoIPooler.cpu_threads` (CPU RoIAlign split over threads) and `RoIPooler.cpu_sparse_grad` (its backward
+as one sparse product, `roi_align_grad`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from detector.model.backbones import set_fold_bn_
 from detector.model.faster_rcnn import FasterRCNN, build_detector, cpu_trains_nhwc, match_weight_layout_
 from detector.model.fold import conv_bn
 from detector.model.poolers import (
+    CpuRoIAlign,
     RoIPooler,
-    ThreadedRoIAlign,
     _split_by_image,
     swap_layout,
 )
@@ -106,6 +107,7 @@ def _plain(model: FasterRCNN) -> FasterRCNN:
     plain.cpu_channels_last = plain.cpu_channels_last_train = False
     match_weight_layout_(plain)
     plain.roi_head.bbox_roi_extractor.cpu_threads = False
+    plain.roi_head.bbox_roi_extractor.cpu_sparse_grad = False
     set_fold_bn_(plain, "off")
     return plain
 
@@ -151,11 +153,11 @@ def test_fast_and_plain_features_and_detections_agree(models: tuple[FasterRCNN, 
 
 # Each CPU fast path switched on alone in the plain model, and all of them (the detector's default).
 # "exact": the threaded RoIAlign computes the same numbers. The others sum in another order (folding one
-# multiply; oneDNN's NHWC convolutions throughout) and are held to what float32 rounding alone does to
+# multiply; oneDNN's NHWC convolutions throughout; RoIAlign's gradient as a sparse product) and are held to what float32 rounding alone does to
 # the plain path on the machine at hand (`rounding_noise`). "frozen", what the detector does on a GPU,
 # folds only the frozen stem and res2 in training.
-FAST_PATHS = {"fold_bn": "rounding", "fold_frozen": "rounding", "roi_threads": "exact", "channels_last": "rounding",
-              "all": "rounding"}
+FAST_PATHS = {"fold_bn": "rounding", "fold_frozen": "rounding", "roi_threads": "exact", "roi_grad": "rounding",
+              "channels_last": "rounding", "all": "rounding"}
 _TARGETS = [
     {"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [40.0, 30.0, 120.0, 90.0]]), "labels": torch.tensor([0, 5])},
     {"boxes": torch.tensor([[5.0, 50.0, 60.0, 120.0]]), "labels": torch.tensor([2])},
@@ -206,6 +208,8 @@ def _switched(plain: FasterRCNN, fast_path: str) -> FasterRCNN:
         set_fold_bn_(model, "frozen")
     if fast_path in ("roi_threads", "all"):
         model.roi_head.bbox_roi_extractor.cpu_threads = True
+    if fast_path in ("roi_grad", "all"):
+        model.roi_head.bbox_roi_extractor.cpu_sparse_grad = True
     if fast_path in ("channels_last", "all"):
         model.cpu_channels_last = model.cpu_channels_last_train = True
         match_weight_layout_(model)
@@ -328,8 +332,9 @@ def test_threaded_roi_align_equals_one_plain_call(num_images: int, channels_last
     weights = torch.randn(n, 8, 7, 7, generator=g)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     outs, grads, calls = [], [], []
-    real_apply = ThreadedRoIAlign.apply
-    monkeypatch.setattr(ThreadedRoIAlign, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    real_apply = CpuRoIAlign.apply
+    monkeypatch.setattr(CpuRoIAlign, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    pooler.cpu_sparse_grad = False  # torchvision's backward, threaded (`test_roi_align_grad`: the sparse one)
     for threaded in (True, False):
         pooler.cpu_threads = threaded
         for f in feats:
