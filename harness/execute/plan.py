@@ -75,8 +75,10 @@ def run_config(
     pretrained_path: Path | None = None,
     load_from_path: Path | None = None,
     progress: bool = True,
+    neck: str | None = None,
 ) -> RunConfig:
-    """The `RunConfig` of one (cell, seed) from the profile and its budget; val files only where they exist."""
+    """The `RunConfig` of one (cell, seed) from the profile and its budget (`neck`: the cell's neck
+    axis value, which may choose its proposal cap); val files only where they exist."""
     has_val = (data_root / VAL_ANN).is_file() and (data_root / VAL_IMAGES).is_dir()
     budget = profile.budget
     return RunConfig(
@@ -92,7 +94,7 @@ def run_config(
         max_iters=budget.max_iters,
         warmup_iters=budget.warmup_iters,
         image_scale=budget.image_scale,
-        proposal_cap=budget.proposal_cap,
+        proposal_cap=budget.proposal_cap_for(neck),
         eval_max_images=budget.eval_max_images,
         checkpoint_interval=budget.checkpoint_interval,
         log_interval=budget.log_interval,
@@ -196,6 +198,7 @@ def plan_run(
                 profile, data_root=data_root, device=device, seed=seed,
                 pretrained_path=pretrained.get(cfg.pretrained) if cfg.pretrained else None,
                 load_from_path=pretrained.get(cfg.load_from) if cfg.load_from else None, progress=progress,
+                neck=cell.axes.get("neck"),
             )  # fmt: skip
             jobs.append(CellJob(
                 name=cell.name, matrix=matrix.name, profile=profile.name, seed=seed,

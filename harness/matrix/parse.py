@@ -374,6 +374,12 @@ def _profile_field(ctx: _Ctx, profile: str, key: str, value: Any) -> Any:
             ctx.fail(f"expected an integer >= 1 or 'auto', got {value!r}", field=where)
         return value
     minimum, nullable = BUDGET_LIMITS.get(key, ({"images_per_gpu": 1}.get(key, 0), False))
+    if key == "proposal_cap" and isinstance(value, dict):  # one cap per value of the neck axis
+        allowed = ("default", *AXES["neck"])
+        for neck in value:
+            if neck not in allowed:
+                ctx.fail(f"unknown key {neck!r}: a value of the neck axis, or default", field=where, allowed=allowed)
+        return {str(neck): integer(cap, minimum, nullable=True) for neck, cap in value.items()}
     return integer(value, minimum, nullable=nullable)
 
 

@@ -109,9 +109,18 @@ class Budget:
     # train a few iterations, so they log every one or their loss curves would be a single point.
     log_interval: int = 50
     warmup_iters: int | None = None  # None: the recipe's 500, capped at a third of max_iters
-    proposal_cap: int | None = None  # caps RPN / RoI counts for toy budgets (a recorded deviation)
+    # Caps RPN / RoI counts for toy budgets (a recorded deviation): one count for every cell, or one per
+    # value of the `neck` axis with "default" for the rest (C4's res5 head runs once per RoI).
+    proposal_cap: int | Mapping[str, int | None] | None = None
     checkpoint_interval: int | None = 1000  # None: no checkpoints (toy profiles re-run in seconds)
     bench_images: int = 0  # fps over this many images after training; 0: no fps measurement
+
+    def proposal_cap_for(self, neck: str | None) -> int | None:
+        """The proposal cap of a cell with this `neck` axis value."""
+        cap = self.proposal_cap
+        if isinstance(cap, Mapping):
+            return cap[neck] if neck in cap else cap.get("default")
+        return cap
 
 
 # The limits of each budget field, written once: (minimum, may be null). The matrix's profiles and

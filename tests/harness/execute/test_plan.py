@@ -80,3 +80,16 @@ def test_a_cell_the_detector_cannot_build_is_skipped(tmp_path: Path, monkeypatch
     by_name = {j.name: j for j in jobs}
     assert by_name[C4].skip_reason == "the detector cannot build this cell: NotImplementedError: res5 shared head"
     assert by_name[R50].skip_reason is None
+
+
+def test_the_proposal_cap_follows_the_cells_neck(tmp_path: Path) -> None:
+    """smoke caps C4 (its res5 head runs once per RoI) lower than the FPN and DC5 cells."""
+    matrix = load_matrix("faster_rcnn")
+    smoke = matrix.profile("smoke")
+    dc5 = "faster-rcnn_r50-caffe-dc5_1x_coco"
+    jobs = planning.plan_run(matrix, smoke, cells=matrix.select([C4, R50, dc5]), seeds=[0], runs_dir=tmp_path, data_root=tmp_path,
+                             device="cpu", pretrained={})  # fmt: skip
+    caps = {j.name: j.spec["run"]["proposal_cap"] for j in jobs}
+    assert smoke.budget.proposal_cap == {"default": 48, "c4": 24}
+    assert caps == {C4: 24, R50: 48, dc5: 48}
+    assert planning.run_config(smoke, data_root=tmp_path, device="cpu", seed=0).proposal_cap == 48  # no neck: the default

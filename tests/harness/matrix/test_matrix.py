@@ -354,6 +354,19 @@ def test_profile_intervals_must_be_positive(tmp_path: Path) -> None:
         load_matrix(str(path))
 
 
+def test_a_proposal_cap_per_neck(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        axes: {backbone: [r50]}
+        profiles:
+          smoke: {proposal_cap: {c4: 16, dc5: null}}
+          mine: {extends: smoke, proposal_cap: 100}
+        """)
+    spec = load_matrix(str(path))
+    budget = spec.profile("smoke").budget
+    assert [budget.proposal_cap_for(n) for n in ("c4", "dc5", "fpn", None)] == [16, None, None, None]  # no default: uncapped
+    assert [spec.profile("mine").budget.proposal_cap_for(n) for n in ("c4", "fpn")] == [100, 100]
+
+
 def test_profile_jobs_is_a_positive_integer_or_auto(tmp_path: Path) -> None:
     path = write(tmp_path, """
         axes: {backbone: [r50]}
@@ -410,6 +423,9 @@ BASE = "axes: {backbone: [r50]}\n"
         (BASE + "profiles: {new: {max_iters: 3}}\n", ["field 'profiles.new'", "missing fields", "allowed: data, compare"]),
         (BASE + "profiles: {x: {extends: nope}}\n", ["field 'profiles.x.extends'", "unknown profile 'nope'", "allowed: smoke, ci, hardware, full"]),
         (BASE + "profiles: {smoke: {cells: [r18*]}}\n", ["field 'profiles.smoke.cells'", "no cell matches 'r18*'"]),
+        (BASE + "profiles: {smoke: {proposal_cap: {default: 48, c5: 24}}}\n",
+         ["field 'profiles.smoke.proposal_cap'", "unknown key 'c5'", "allowed: default, fpn, c4, dc5"]),
+        (BASE + "profiles: {smoke: {proposal_cap: {c4: 0}}}\n", ["field 'profiles.smoke.proposal_cap'", "expected an integer >= 1 or null"]),
         (BASE + "tolerances: {box_ap_pass: -1}\n", ["field 'tolerances.box_ap_pass'", "non-negative"]),
     ],
 )
