@@ -119,7 +119,7 @@ class Budget:
         """The proposal cap of a cell with this `neck` axis value."""
         cap = self.proposal_cap
         if isinstance(cap, Mapping):
-            return cap[neck] if neck in cap else cap.get("default")
+            return cap[neck] if neck is not None and neck in cap else cap.get("default")
         return cap
 
 
