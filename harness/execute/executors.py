@@ -6,8 +6,10 @@ for `--nproc-per-cell N`, or one torchrun agent per node for `--nnodes N` (c10d 
 and stderr go to `CELL_DIR/stdout.txt` (other nodes: `stdout.node<k>.txt`). Executors only decide
 where that command runs:
 
-- `local`: a subprocess per cell, in its own session so that a Ctrl-C of the harness can stop the
-  whole tree (torchrun and its workers) and nothing else.
+- `local`: a process per cell, in its own session so that a Ctrl-C of the harness can stop the
+  whole tree (torchrun and its workers) and nothing else. A single-process cell is forked from a
+  warm `detector.forkserver` (`harness.execute.forked`: torch imported once per run, not per cell);
+  any other is a new subprocess.
 - `submitit`: one submitit job per cell (`harness.execute.slurm`). The job runs the same command;
   it is checkpointable, so a Slurm timeout or preemption requeues it and `detector.run` resumes
   from `checkpoints/latest.pt`.
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from harness.errors import UserError
+from harness.execute.forked import ForkedHandle, ForkServer, ForkServerError
 
 T = TypeVar("T")
 
@@ -106,6 +109,9 @@ class Handle(Protocol):
 
 class Executor(Protocol):
     def submit(self, command: CellCommand, *, keep_fds: Sequence[int] = ()) -> Handle: ...
+
+    def close(self) -> None:
+        """Release what the executor holds between cells (the local fork server)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,12 +206,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def fork_server_wanted() -> bool:
+    """`HARNESS_FORK_SERVER=0` starts every cell as a new interpreter (harness.execute.forked)."""
+    return os.environ.get("HARNESS_FORK_SERVER", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 @dataclass(kw_only=True)
 class LocalExecutor:
-    """Each cell in its own subprocess on this machine; a multi-node cell as one torchrun agent per
-    "node", all on this host, meeting at a free local port (how `--nnodes` is tested off a cluster)."""
+    """Each cell in its own process on this machine; a multi-node cell as one torchrun agent per
+    "node", all on this host, meeting at a free local port (how `--nnodes` is tested off a cluster).
+
+    A single-process `python -m <fork_modules>` cell is forked from a warm `detector.forkserver`
+    (`harness.execute.forked`) when its interpreter and whole environment equal the server's, which
+    starts with the first such cell; every other cell, and every cell once the server failed, is a
+    new subprocess. `note` says once why forking stopped.
+    """
 
     grace_s: float = KILL_GRACE_S
+    fork: bool = field(default_factory=fork_server_wanted)
+    fork_modules: tuple[str, ...] = ("detector.run",)
+    note: Callable[[str], None] = field(default=lambda line: print(f"harness: {line}", file=sys.stderr, flush=True))
+    _server: ForkServer | None = field(default=None, init=False, repr=False)
 
     def submit(self, command: CellCommand, *, keep_fds: Sequence[int] = ()) -> Handle:
         # keep_fds: the cell's lock file, so that a cell which outlives a killed harness keeps its
@@ -214,7 +235,42 @@ class LocalExecutor:
             endpoint = f"127.0.0.1:{_free_port()}"
             return NodesHandle([spawn_cell(command, keep_fds=keep_fds, node=k, endpoint=endpoint) for k in range(command.nnodes)],
                                self.grace_s)
+        server = self._fork_server(command)
+        if server is not None:
+            command.cell_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                ident = server.start(module=command.argv[2], args=command.argv[3:], stdout=command.stdout_path,
+                                     keep_fds=keep_fds)  # fmt: skip
+                return ForkedHandle(server, ident, self.grace_s)
+            except ForkServerError as exc:
+                self._give_up(f"the fork server failed ({exc})")
         return LocalHandle(spawn_cell(command, keep_fds=keep_fds), self.grace_s)
+
+    def _fork_server(self, command: CellCommand) -> ForkServer | None:
+        """The server that may fork this cell (started now if it is the first), or None."""
+        argv = command.argv
+        if not self.fork or len(argv) < 3 or argv[1] != "-m" or argv[2] not in self.fork_modules:
+            return None
+        env = {**os.environ, **command.env}
+        if self._server is None:
+            try:
+                self._server = ForkServer(python=argv[0], env=env, preexec_fn=_die_with_parent)
+            except (ForkServerError, OSError) as exc:
+                self._give_up(f"cannot start the fork server ({exc})")
+                return None
+        if self._server.failure is not None:
+            self._give_up(f"the fork server stopped ({self._server.failure})")
+            return None
+        return self._server if self._server.python == argv[0] and self._server.env == env else None
+
+    def _give_up(self, why: str) -> None:
+        self.fork = False
+        self.note(f"{why}; cells start as new processes")
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +339,7 @@ __all__ = [
     "NodesHandle",
     "RDZV_ENDPOINT",
     "cell_argv",
+    "fork_server_wanted",
     "run_pool",
     "spawn_cell",
     "stop_tree",

@@ -232,7 +232,7 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     # The executor first: a missing submitit is refused before any data is made or any cell starts.
     executor = make_executor(
         args.executor, folder=runs_dir / "_submitit" / matrix.name / profile.name, nproc_per_cell=args.nproc_per_cell,
-        nnodes=args.nnodes, device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
+        nnodes=args.nnodes, device=device, timeout_min=args.timeout_min, slurm_partition=args.slurm_partition, log=log,
     )  # fmt: skip
     data_root = dataset_root(matrix, profile, data=args.data, runs_dir=runs_dir, seed=args.seed, log=log)
     # Compared with the published numbers: the published initialisation, unless refused on purpose.
@@ -252,12 +252,15 @@ def execute_run(args: argparse.Namespace, *, log: Callable[[str], None]) -> tupl
     log(f"{matrix.name} / {profile.name}: {len(cells)} cells x {len(seeds)} seed(s) on {device} "
         f"({args.executor}, {in_flight} at a time{' (auto)' if asked == 'auto' else ''}), data {data_root}, runs in {where}")  # fmt: skip
     t0 = time.monotonic()
-    summary = run_jobs(
-        jobs, executor=executor, base_provenance=base_provenance(cells_at_once=in_flight), nproc_per_cell=args.nproc_per_cell,
-        nnodes=args.nnodes, max_in_flight=in_flight, force=args.force, log=log,
-        env=thread_env(jobs=in_flight, nproc_per_cell=args.nproc_per_cell,
-                       nodes_here=args.nnodes if args.executor == "local" else 1),
-    )  # fmt: skip
+    try:
+        summary = run_jobs(
+            jobs, executor=executor, base_provenance=base_provenance(cells_at_once=in_flight), nproc_per_cell=args.nproc_per_cell,
+            nnodes=args.nnodes, max_in_flight=in_flight, force=args.force, log=log,
+            env=thread_env(jobs=in_flight, nproc_per_cell=args.nproc_per_cell,
+                           nodes_here=args.nnodes if args.executor == "local" else 1),
+        )  # fmt: skip
+    finally:
+        executor.close()
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("ok", "failed", "skipped"))
     before = f" ({len(summary.cached)} finished before)" if summary.cached else ""
     log(f"done in {time.monotonic() - t0:.1f} s: {counts}{before}")
@@ -274,10 +277,11 @@ def make_executor(
     timeout_min: int | None = None,
     slurm_partition: str | None = None,
     cluster: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Executor:
-    """`local` or `submitit` by name (the `--executor` flag)."""
+    """`local` or `submitit` by name (the `--executor` flag); `log` gets the local executor's notes."""
     if kind == "local":
-        return LocalExecutor()
+        return LocalExecutor(note=log) if log is not None else LocalExecutor()
     if kind == "submitit":
         import importlib.util
 

@@ -188,6 +188,7 @@ def cell_provenance(
     started_at: str,
     finished_at: str,
     wall_time_s: float,
+    start: str = "new process",
 ) -> dict[str, Any]:
     """The `provenance` block of one result.json (ARCHITECTURE.md).
 
@@ -197,6 +198,9 @@ def cell_provenance(
             device, world size and learning-rate facts win over what the runner asked for.
         run: the cell's `RunConfig.to_dict()` (device, seed, images_per_gpu).
         nproc: processes per cell the runner launched (the world size it asked for).
+        start: how the cell's process began: "new process" or "fork server" (forked from a warm
+            `detector.forkserver`: no start-up time, and on CPU a peak RSS without the ~0.3 GB of
+            pages that only the imports touched).
     """
     device = metrics.get("device")
     if device:
@@ -219,6 +223,7 @@ def cell_provenance(
         "started_at": started_at,
         "finished_at": finished_at,
         "wall_time_s": round(wall_time_s, 3),
+        "start": start,
     }
 
 

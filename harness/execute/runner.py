@@ -174,11 +174,12 @@ def run_jobs(
     def say(job: CellJob, what: str, text: str = "") -> None:
         log(f"[{number[id(job)]:>{width}}/{len(jobs)}] {what:<7} {job.label}" + (f": {text}" if text else ""))
 
-    def provenance(job: CellJob, metrics: dict[str, Any], started_at: str, wall: float) -> dict[str, Any]:
+    def provenance(job: CellJob, metrics: dict[str, Any], started_at: str, wall: float, start: str = "new process"
+                   ) -> dict[str, Any]:  # fmt: skip
         run = job.spec.get("run") or {}
         return cell_provenance(
             base_provenance, metrics=metrics, run=run, nproc=nproc_per_cell * nnodes,
-            started_at=started_at, finished_at=now_iso(), wall_time_s=wall,
+            started_at=started_at, finished_at=now_iso(), wall_time_s=wall, start=start,
         )  # fmt: skip
 
     def start(job: CellJob, *, after_wait: bool = False) -> Handle | None:
@@ -242,7 +243,7 @@ def run_jobs(
             job_error = getattr(handle, "error", None)
             if status == "failed" and job_error and metrics is None:
                 error = f"{job_error}\n{error}"
-            prov = provenance(job, metrics or {}, attempt.started_at, wall)
+            prov = provenance(job, metrics or {}, attempt.started_at, wall, getattr(handle, "start", "new process"))
             result = make_result(job, status=status, metrics=metrics or {}, provenance=prov, error=error)
             write_json_atomic(job.folder / RESULT, result)
             summary.statuses[job.label] = status

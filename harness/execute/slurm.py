@@ -162,5 +162,8 @@ class SubmititExecutor:
         executor.update_parameters(name=command.cell_dir.name)
         return SubmititHandle(executor.submit(SubmititCell(command)))
 
+    def close(self) -> None:
+        """Nothing to release: submitted jobs belong to Slurm (or submitit's local runner)."""
+
 
 __all__ = ["PREEMPT_GRACE_S", "SubmititCell", "SubmititExecutor", "SubmititHandle"]

@@ -93,6 +93,9 @@ def machine_text(ran: pd.DataFrame) -> str:
         host.append(f"{_unique(ran['threads'], lambda t: str(int(t)))} torch threads per cell")
     if "cells_at_once" in ran and ran["cells_at_once"].notna().any():
         host.append(f"{_unique(ran['cells_at_once'], lambda n: str(int(n)))} cell(s) at a time")
+    if "start" in ran and ran["start"].notna().any():
+        # Forked cells have no start-up time, and on CPU a peak RSS without the pages only imports touch.
+        host.append(f"cell start: {_unique(ran['start'])}")
     loads = [float(x) for x in ran["load_1m"].dropna()]
     if loads:
         host.append(f"load {min(loads):.1f}-{max(loads):.1f} when the run began")

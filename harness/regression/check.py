@@ -228,9 +228,12 @@ def execute(spec: RegressionSpec, checks: list[Check], *, device: str, log: Log)
     threads = str(spec.threads)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     executor = make_executor("local", folder=Path("."), nproc_per_cell=1, device=device,
-                             timeout_min=None, slurm_partition=None)  # fmt: skip
-    run_jobs(jobs, executor=executor, base_provenance=base_provenance(cells_at_once=spec.jobs), max_in_flight=spec.jobs, force=True,
-             env=env, log=log)  # fmt: skip
+                             timeout_min=None, slurm_partition=None, log=log)  # fmt: skip
+    try:
+        run_jobs(jobs, executor=executor, base_provenance=base_provenance(cells_at_once=spec.jobs), max_in_flight=spec.jobs,
+                 force=True, env=env, log=log)  # fmt: skip
+    finally:
+        executor.close()
     out: dict[str, dict[str, Any]] = {}
     for check in checks:
         folder = check.job.folder

@@ -30,7 +30,7 @@ COLUMNS: tuple[str, ...] = (
     "eval_split", "eval_images", "iters", "epochs", "world_size", "images_per_gpu", "total_batch", "lr_rescaled",
     "resumed_from_iter", "train_time_s", "eval_time_s", "wall_time_s", "train_images_per_s", "s_per_iter",
     "data_root", "image_scale", "proposal_cap", "other_categories", "category_ap", "deviations", "notes", "quirks", "cpu", "cores", "threads", "load_1m",
-    "cells_at_once", "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
+    "cells_at_once", "start", "git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version",
     "pycocotools_version", "harness_version", "finished_at", "run_dir",
 )
 RESULTS_CSV_COLUMNS: tuple[str, ...] = (
@@ -189,6 +189,7 @@ def _row(cell: Cell, profile: str, result: dict[str, Any], run_dir: Path, scope:
         "threads": machine.get("threads", rec.threads),
         "load_1m": machine.get("load_1m"),
         "cells_at_once": machine.get("cells_at_once"),
+        "start": prov.get("start"),  # "fork server" or "new process" (None: written before it was recorded)
         "data_root": spec_run.get("data_root"),
         "image_scale": _scale(spec_run.get("image_scale")),
         "proposal_cap": spec_run.get("proposal_cap"),

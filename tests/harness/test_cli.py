@@ -294,7 +294,7 @@ def test_reproduce_one_real_cell_then_the_ledger_skips_it(tmp_path: Path) -> Non
     assert "(local, 1 at a time (auto))" in proc.stderr  # the smoke profile's jobs: auto, one cell to run
     cell = tmp_path / "runs" / "tiny" / "tiny" / R50
     result = json.loads((cell / "result.json").read_text())
-    assert result["provenance"]["machine"]["cells_at_once"] == 1
+    assert result["provenance"]["machine"]["cells_at_once"] == 1 and result["provenance"]["start"] == "fork server"
     assert result["status"] == "ok" and result["metrics"]["iters"] == 1 and result["provenance"]["resumed_from_iter"] == 0
     assert result["metrics"]["eval_split"] == "val2017" and (tmp_path / "page" / "README.md").is_file()
     assert (tmp_path / "runs" / "_data" / "synthetic-2-s0" / "annotations" / "instances_train2017.json").is_file()
@@ -302,6 +302,32 @@ def test_reproduce_one_real_cell_then_the_ledger_skips_it(tmp_path: Path) -> Non
     again = _harness("run", *base)
     assert again.returncode == 0 and f"done    {R50}" in again.stderr and "start   " not in again.stderr
     assert json.loads((cell / "result.json").read_text()) == result
+
+
+@pytest.mark.slow
+def test_a_cell_forked_by_the_fork_server_equals_one_started_as_a_new_process(tmp_path: Path) -> None:
+    """The fork server is a fast path of the cell's start: the same losses at every iteration and the
+    same metrics as `HARNESS_FORK_SERVER=0`; only the start-up time and the CPU peak RSS may differ."""
+    runs = {}
+    for switch, start in (("0", "new process"), ("1", "fork server")):
+        where = tmp_path / switch
+        where.mkdir()
+        matrix = where / "tiny.yaml"
+        matrix.write_text(TINY.replace("max_iters: 1", "max_iters: 3\n    workers: 1"))  # a data worker forked by the cell
+        proc = _harness("run", str(matrix), "--profile", "tiny", "--runs-dir", str(where / "runs"),
+                        env={"HARNESS_FORK_SERVER": switch})  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        cell = where / "runs" / "tiny" / "tiny" / R50
+        result = json.loads((cell / "result.json").read_text())
+        assert result["status"] == "ok" and result["provenance"]["start"] == start
+        log = [{k: v for k, v in json.loads(line).items() if k not in ("time", "data_time", "memory")}
+               for line in (cell / "log.jsonl").read_text().splitlines()]  # fmt: skip
+        runs[switch] = (result["metrics"], log)
+    (plain, plain_log), (forked, forked_log) = runs["0"], runs["1"]
+    assert len(plain_log) == 3 and forked_log == plain_log
+    for key in ("box_ap", "coco", "first_loss", "final_loss", "iters", "deviations", "threads"):
+        assert forked[key] == plain[key], key
+    assert plain["phase_s"]["startup"] > 1.0 > forked["phase_s"]["startup"]  # the imports, paid once by the server
 
 
 @pytest.mark.slow

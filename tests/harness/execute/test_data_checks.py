@@ -4,6 +4,7 @@ repairs are counted and recorded; a dataset's own categories train with --classe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -121,15 +122,18 @@ def test_subset_never_overwrites(tmp_path: Path) -> None:
     assert ann.read_bytes() == before and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
-def _procs_with(text: str) -> list[int]:
+def _procs_writing(path: Path) -> list[int]:
+    """Running processes that hold `path` open: a cell holds its stdout.txt for its whole life, whether
+    started as a new process or forked by the fork server (whose command line does not name it)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                files = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+                running = (proc / "stat").read_text().split(")")[-1].split()[0] != "Z"
             except OSError:
                 continue
-            if text in cmdline:
+            if running and str(path) in files:
                 pids.append(int(proc.name))
     return pids
 
@@ -137,7 +141,6 @@ def _procs_with(text: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_kill_9_of_the_harness_leaves_no_orphan_cell(tmp_path: Path) -> None:
-    import os
     import signal
 
     (tmp_path / "long").mkdir()
@@ -151,13 +154,13 @@ def test_kill_9_of_the_harness_leaves_no_orphan_cell(tmp_path: Path) -> None:
     while not (cell / "log.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert (cell / "log.jsonl").is_file(), "the cell never started training"
-    assert _procs_with(str(cell)), "the cell process is not running"
+    assert _procs_writing(cell / "stdout.txt"), "the cell process is not running"
     harness.send_signal(signal.SIGKILL)
     harness.wait()
     deadline = time.monotonic() + 30
-    while _procs_with(str(cell)) and time.monotonic() < deadline:
+    while _procs_writing(cell / "stdout.txt") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _procs_with(str(cell)) == [], "the cell outlived the killed harness"
+    assert _procs_writing(cell / "stdout.txt") == [], "the cell outlived the killed harness"
     # Its lock is free again: a second runner is not told the cell is busy.
     from harness.execute.cells import CellLock
 

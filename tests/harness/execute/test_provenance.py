@@ -89,6 +89,10 @@ def test_cell_provenance_prefers_what_the_cell_measured() -> None:
     assert prov["lr_rescaled"] is True and prov["resumed_from_iter"] == 40
     assert prov["git_commit"] == "a" * 40 and prov["versions"] == {"torch": "2.14"} and prov["hostname"] == "h"
     assert prov["wall_time_s"] == 1.235 and prov["started_at"] == "s" and prov["finished_at"] == "f"
+    assert prov["start"] == "new process"
+    forked = provenance.cell_provenance(base, metrics=metrics, run=run, nproc=1, started_at="s", finished_at="f",
+                                        wall_time_s=1.0, start="fork server")  # fmt: skip
+    assert forked["start"] == "fork server"
     # A cell that produced no metrics (crashed at start-up) falls back on what was asked for.
     bare = provenance.cell_provenance(base, metrics={}, run=run, nproc=2, started_at="s", finished_at="f", wall_time_s=0)
     assert bare["device_class"] == "cpu" and bare["world_size"] == 2 and bare["images_per_gpu"] == 2
@@ -113,3 +117,7 @@ def test_machine_text_says_how_many_cells_ran_at_once() -> None:
     assert machine_text(ran) == ("device cpu (host: CPU AMD EPYC, 2 logical cores, 1 torch threads per cell, "
                                  "2 cell(s) at a time, load 0.5-1.5 when the run began)")
     assert "at a time" not in machine_text(ran.assign(cells_at_once=None))  # runs from before it was recorded
+    # How the cells' processes began: start-up time and CPU peak RSS depend on it.
+    started = ran.assign(start=["fork server", "new process"])
+    assert "2 cell(s) at a time, cell start: fork server, new process, load" in machine_text(started)
+    assert "cell start" not in machine_text(ran.assign(start=None))
