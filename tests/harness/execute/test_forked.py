@@ -78,6 +78,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _sleeping(pids: Path) -> tuple[int, int]:
+    """The pids a "sleep" cell writes once it and its grandchild run."""
+    t0 = time.monotonic()
+    while not pids.exists() or not pids.read_text():
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.05)
+    child, grandchild = map(int, pids.read_text().split())
+    return child, grandchild
+
+
 def test_exit_codes_and_output_are_those_of_a_new_process(executor: LocalExecutor, cells: Path, tmp_path: Path) -> None:
     expected = {("exit", "0"): 0, ("exit", "3"): 3, ("exit", "75"): 75, ("message",): 1, ("raise",): 1}
     for args, code in expected.items():
@@ -117,11 +127,7 @@ def test_the_child_holds_the_cells_lock_after_the_harness_lets_go(executor: Loca
 def test_cancel_stops_the_forked_cell_and_its_children(executor: LocalExecutor, cells: Path, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     handle = executor.submit(_command(cells, tmp_path / "cell", "sleep", str(pids)))
-    t0 = time.monotonic()
-    while not pids.exists() or not pids.read_text():
-        assert time.monotonic() - t0 < 30
-        time.sleep(0.05)
-    child, grandchild = map(int, pids.read_text().split())
+    child, grandchild = _sleeping(pids)
     assert handle.poll() is None and _alive(child) and _alive(grandchild)
     handle.cancel()
     assert handle.poll() == -signal.SIGTERM
@@ -171,11 +177,7 @@ def test_a_dead_server_fails_its_cells_with_a_reason_and_forking_stops(cells: Pa
     ex = LocalExecutor(grace_s=2.0, fork_modules=("fake_cell",), note=notes.append)
     pids = tmp_path / "pids"
     handle = ex.submit(_command(cells, tmp_path / "cell", "sleep", str(pids)))
-    t0 = time.monotonic()
-    while not pids.exists() or not pids.read_text():
-        assert time.monotonic() - t0 < 30
-        time.sleep(0.05)
-    child = int(pids.read_text().split()[0])
+    child, _grandchild = _sleeping(pids)
     assert ex._server is not None
     ex._server.proc.kill()
     assert _wait(handle, timeout=30) == 1
