@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     _set_pdeathsig()
     for name in PRELOAD:
         importlib.import_module(name)
+    import torch
+
+    if torch.cuda.is_initialized():  # a CUDA context does not survive fork; never serve from one
+        print("detector.forkserver: CUDA was initialised while importing; refusing to fork", file=sys.stderr)
+        return 1
     _send(sock, {"ready": True, "pid": os.getpid()})
     serve(sock)
     return 0
